@@ -1,0 +1,3 @@
+"""tokscale: scaling visual tokenizers for autoregressive image generation."""
+
+__version__ = "0.1.0"
