@@ -122,7 +122,9 @@ def load_config(
             yaml_cfg = OmegaConf.masked_copy(yaml_cfg, [k for k in yaml_cfg if k != "schema"])
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (for example model.decoder.depth=12)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (for example model.decoder.depth=12)"
+            )
     try:
         cli_cfg = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
