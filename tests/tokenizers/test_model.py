@@ -1,0 +1,135 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tokscale.tokenizers.model import TokenizerConfig, VQTokenizer, multilevel_pool, param_counts
+from tokscale.tokenizers.presets import PRESETS, PUBLISHED_PARAMS, get_preset
+from tokscale.tokenizers.transformer import token_mask
+
+
+def config(name: str, **over) -> TokenizerConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(TokenizerConfig), get_preset(name), over)
+    return OmegaConf.to_object(merged)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_every_published_preset_builds_on_meta_with_its_published_parameter_count(name):
+    with torch.device("meta"):
+        model = VQTokenizer(config(name))
+    counts = param_counts(model)
+    assert abs(counts["params"] / PUBLISHED_PARAMS[name] - 1) < 0.03
+    assert counts["params"] == (
+        counts["encoder_params"]
+        + counts["decoder_params"]
+        + counts["codebook_params"]
+        + counts["semantic_projector_params"]
+    )
+
+
+def test_cnn_parts_match_gigatok_sizes():
+    with torch.device("meta"):
+        counts = param_counts(VQTokenizer(config("1d-S-S")))
+    assert abs(counts["cnn_encoder_params"] / 26.1e6 - 1) < 0.02
+    assert abs(counts["semantic_projector_params"] / 6.8e6 - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", ["2d-tiny", "1d-tiny"])
+def test_tiny_presets_run_forward_and_backward(name):
+    torch.manual_seed(0)
+    model = VQTokenizer(config(name, image_size=64, num_tokens=16))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = model(x, capture_layer=2)
+    assert out["recon"].shape == x.shape
+    assert out["indices"].shape == (2, 16)
+    assert out["semantic"].shape == (2, 16, model.config.semantic_dim)
+    loss = out["recon"].pow(2).mean() + out["loss_commit"] + out["loss_codebook"] + out["semantic"].mean()
+    loss.backward()
+    for name_, p in model.named_parameters():
+        assert p.grad is not None, f"{name_} received no gradient"
+
+
+def test_encode_decode_round_trip_shapes_and_dtypes():
+    model = VQTokenizer(config("2d-tiny", image_size=32)).eval()
+    codes = model.encode(torch.zeros(3, 3, 32, 32))
+    assert codes.dtype == torch.int64 and codes.shape == (3, 4)
+    assert int(codes.max()) < model.codebook_size
+    assert model.decode(codes).shape == (3, 3, 32, 32)
+
+
+def test_one_d_decoder_reconstructs_from_a_prefix_and_causal_tokens_ignore_later_ones():
+    torch.manual_seed(0)
+    model = VQTokenizer(
+        config(
+            "1d-tiny", image_size=32, num_tokens=16, token_mask="block_causal", causal_prefix=4, group_size=4
+        )
+    ).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = model.encode(x)
+    assert model.decode(codes[:, :8]).shape == x.shape
+    # latents of the first tokens depend only on queries up to their group, not on later query embeddings
+    with torch.no_grad():
+        before = model.encode_latents(x)[:, :8].clone()
+        model.queries[:, 8:] += 1.0
+        after = model.encode_latents(x)
+    assert torch.allclose(before, after[:, :8], atol=1e-5)
+    assert not torch.allclose(before, after[:, 8:16], atol=1e-3)
+
+
+def test_block_causal_mask_layout():
+    m = token_mask("block_causal", 12, causal_prefix=4, group_size=4)
+    assert m[1, 1] and not m[1, 2]  # strictly causal prefix
+    assert m[4, 7] and m[7, 4] and not m[7, 8]  # a block sees itself, not the next block
+    assert token_mask("none", 5) is None
+    assert torch.equal(token_mask("causal", 4), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+def test_query_initialisation_pools_coarse_to_fine():
+    grid = torch.arange(16.0).reshape(1, 1, 4, 4)
+    q = multilevel_pool(grid, 5)
+    assert q.shape == (1, 5, 1)
+    assert q[0, 0, 0] == grid.mean()  # first token: the global average
+    assert torch.allclose(q[0, 1:5, 0], torch.tensor([2.5, 4.5, 10.5, 12.5]))  # then the 2x2 quadrants
+
+
+def test_bad_model_config_values_name_the_key():
+    with pytest.raises(ValueError, match="model.kind"):
+        TokenizerConfig(kind="3d")
+    with pytest.raises(ValueError, match="token_mask"):
+        TokenizerConfig(kind="2d", token_mask="causal")
+
+
+def test_model_info_answers_for_the_largest_preset_in_seconds():
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", "model", "info", "1d-XL-XXL"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    info = json.loads(out.stdout)
+    assert abs(info["params"] / 2.89e9 - 1) < 0.03
+    for key in ("encoder_params", "decoder_params", "num_tokens", "codebook_size", "code_dim"):
+        assert key in info
+    assert info["num_tokens"] == 256 and info["codebook_size"] == 16384 and info["code_dim"] == 8
+    assert time.time() - t0 < 60  # meta device: no 11 GB allocation
+
+
+def test_preset_table_names():
+    assert {
+        "1d-S-S",
+        "1d-S-B",
+        "1d-B-L",
+        "1d-XL-XXL",
+        "2d-S-S",
+        "2d-S-B",
+        "2d-B-L",
+        "1d-tiny",
+        "2d-tiny",
+    } <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown tokenizer preset"):
+        get_preset("2d-XXXL")
