@@ -32,6 +32,7 @@ COMMAND_MODULES = [
 
 # Modules that add `tokscale bench <name>` subcommands.
 BENCH_MODULES = [
+    "tokscale.commands",
     "tokscale.tokenizers.cli",
     "tokscale.data.cli",
     "tokscale.jobs.cli",
