@@ -121,13 +121,56 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path, rank: int, world_size: int) -> tuple[dict, dict | None]:
-    """Load engine state; return (trainer_state, this rank's state or None when the world size changed)."""
-    info = json.loads((path / "COMPLETE").read_text())
-    same_world = info["world_size"] == world_size
+def saved_world_size(path: Path) -> int:
+    return int(json.loads((path / "COMPLETE").read_text())["world_size"])
+
+
+def needs_universal(path: Path, world_size: int, zero_stage: int, bf16: bool) -> bool:
+    """ZeRO partitions optimizer state by rank: another world size loads through a universal checkpoint."""
+    return saved_world_size(path) != world_size and (zero_stage > 0 or bf16)
+
+
+def prepare_universal(path: Path, rank: int) -> None:
+    """Collective: rank 0 converts the engine checkpoint to DeepSpeed's world-size-independent universal format
+    (once; kept beside it as ``universal/``), written under a temporary name and renamed when complete."""
+    target = path / UNIVERSAL
+    if rank == 0 and not target.is_dir():
+        import subprocess
+        import sys
+
+        tmp = path / (".tmp_" + UNIVERSAL)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for a new world size", path)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path / "engine"),
+                "--output_folder",
+                str(tmp),
+                "--inject_missing_state",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(tmp, target)
+    barrier()
+
+
+UNIVERSAL = "universal"
+
+
+def load_checkpoint(
+    engine, path: Path, rank: int, world_size: int, universal: bool = False
+) -> tuple[dict, dict | None]:
+    """Load engine state; return (trainer_state, this rank's state or None when the world size changed).
+    ``universal``: the engine was built with checkpoint.load_universal and prepare_universal() ran."""
+    same_world = saved_world_size(path) == world_size
     load_path, _ = engine.load_checkpoint(
         str(path),
-        tag="engine",
+        tag=UNIVERSAL if universal else "engine",
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
         load_module_strict=True,

@@ -143,8 +143,9 @@ def use_bf16(precision: str) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig, bf16: bool, load_universal: bool = False) -> dict:
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -295,6 +296,8 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
     from tokscale.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
+        needs_universal,
+        prepare_universal,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -333,15 +336,21 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
         model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, tc.max_steps))
+    resume = latest_checkpoint(cfg.run_dir)
+    universal = resume is not None and needs_universal(resume[1], d.world_size, tc.zero_stage, bf16)
+    if universal:
+        prepare_universal(resume[1], d.rank)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, bf16, universal),
     )
     stream = TrainStream(cfg.data, d.rank, d.world_size)
 
     step = 0
-    resume = latest_checkpoint(cfg.run_dir)
     if resume is not None:
-        trainer_state, rank_state = load_checkpoint(engine, resume[1], d.rank, d.world_size)
+        trainer_state, rank_state = load_checkpoint(engine, resume[1], d.rank, d.world_size, universal)
         step = trainer_state["step"]
         if disc is not None and trainer_state.get("disc") is not None:
             disc.load_state_dict(trainer_state["disc"])
