@@ -1,0 +1,42 @@
+"""A tiny stand-in tokenizer and image maker shared by the evaluation tests and their child processes
+(which import this file by path, so it stays free of pytest)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PaletteTokenizer(nn.Module):
+    """Codes = nearest palette colour of each 4x4 patch mean; decode paints the patches. Deterministic, lossy,
+    with the tokenizer interface evaluation relies on (encode, decode, codebook_size, num_tokens, image_size)."""
+
+    def __init__(self, codebook_size: int = 16, image_size: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.palette = nn.Parameter(torch.rand(codebook_size, 3, generator=g) * 2 - 1, requires_grad=False)
+        self.codebook_size = codebook_size
+        self.image_size = image_size
+        self.num_tokens = (image_size // 4) ** 2
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(images, 4).flatten(1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        patches = nn.functional.avg_pool2d(images, 4)  # (B, 3, h, w)
+        flat = patches.permute(0, 2, 3, 1).reshape(-1, 3)
+        codes = torch.cdist(flat, self.palette).argmin(1)
+        return codes.reshape(images.shape[0], -1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        b, n = codes.shape
+        h = int(n**0.5)
+        colours = self.palette[codes].reshape(b, h, h, 3).permute(0, 3, 1, 2)
+        return nn.functional.interpolate(colours, scale_factor=4, mode="nearest")
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Images in [-1, 1] that came from uint8 pixels, like the evaluation stream's crops."""
+    g = torch.Generator().manual_seed(seed)
+    u8 = torch.randint(0, 256, (n, 3, size, size), generator=g)
+    return u8.float() / 127.5 - 1.0
