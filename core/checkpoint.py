@@ -165,7 +165,8 @@ UNIVERSAL = "universal"
 def load_checkpoint(
     engine, path: Path, rank: int, world_size: int, universal: bool = False
 ) -> tuple[dict, dict | None]:
-    """Load engine state; return (trainer_state, this rank's state or None when the world size changed).
+    """Load engine state; return (trainer_state, this rank's state: RNG and data position; without RNG when the
+    world size changed).
     ``universal``: the engine was built with checkpoint.load_universal and prepare_universal() ran."""
     same_world = saved_world_size(path) == world_size
     load_path, _ = engine.load_checkpoint(
@@ -178,8 +179,14 @@ def load_checkpoint(
     if load_path is None:
         raise FileNotFoundError(f"{path}/engine: DeepSpeed found no checkpoint to load")
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    rank_file = path / f"rank_{rank:05d}.pt"
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if same_world else None
+    if same_world:
+        rank_state = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    else:
+        # Another world size: RNG streams restart; the data position (batches consumed, equal on every rank)
+        # carries over from rank 0 and the stream continues in its new layout.
+        rank_state = {
+            "data": torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=False)["data"]
+        }
     return trainer_state, rank_state
 
 

@@ -33,7 +33,7 @@ def eval_images(cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    from tokscale.evaluation.image_metrics import psnr, ssim
+    from tokscale.evaluation.image_metrics import psnr_per_image, ssim_per_image, to_unit_float
 
     model.eval()
     recons, codes = [], []
@@ -43,11 +43,11 @@ def measure(model, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         recons.append(model.decode(c).float().clamp(-1, 1))
     recon = torch.cat(recons)
     codes = torch.cat(codes)
-    x01, r01 = images.add(1).div(2), recon.add(1).div(2)
+    x01, r01 = to_unit_float(images), to_unit_float(recon)  # uint8-quantised, as published
     used = codes.unique().numel()
     return {
-        "psnr": float(psnr(x01, r01).mean()),
-        "ssim": float(ssim(x01, r01, data_range=1.0).mean()),
+        "psnr": float(psnr_per_image(x01, r01).mean()),
+        "ssim": float(ssim_per_image(x01, r01, data_range=1.0).mean()),
         "codebook_usage": used / model.codebook_size,
         "codes_used": used,
     }, recon

@@ -139,7 +139,8 @@ class VQTokenizer(nn.Module):
 
     # -- encoder --
     def _encoder_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        feat = self.cnn_encoder(images)  # (B, zc, g, g)
+        # inputs follow the weights' dtype (bf16 inside a bf16 engine); the quantizer returns to fp32 itself
+        feat = self.cnn_encoder(images.to(self.cnn_encoder.conv_in.weight.dtype))  # (B, zc, g, g)
         x = self.enc_in(feat.flatten(2).transpose(1, 2)) + self.enc_pos
         if self.config.kind == "2d":
             x, _ = self.encoder(x)
@@ -183,7 +184,7 @@ class VQTokenizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1]. A 1D tokenizer decodes any prefix."""
         z_q = self.quantizer.lookup(codes).to(self.from_code.weight.dtype)
-        return self.decode_latents(z_q)[0]
+        return self.decode_latents(z_q)[0].float()
 
     def forward(self, images: torch.Tensor, capture_layer: int = 0) -> dict[str, torch.Tensor]:
         """Training forward: reconstruction, quantizer losses and indices, and (when capture_layer > 0 and the

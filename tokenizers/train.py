@@ -259,10 +259,23 @@ def generator_step(engine, frozen: Frozen, disc, images, step: int, cfg: TrainCo
         disc.requires_grad_(True)
     total = sum(losses.values())
     engine.backward(total)
+    # ZeRO and bf16 optimizers report the global norm after the step; the plain fp32 engine does not, and its
+    # (already all-reduced) gradients are on the parameters until the step.
+    plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    norm = _grad_norm(engine.module) if plain and engine.is_gradient_accumulation_boundary() else None
     engine.step()
+    if norm is None:
+        norm = engine.get_global_grad_norm()
     result = {k: v.detach() for k, v in losses.items()}
     result["loss_total"] = total.detach()
+    if norm is not None:
+        result["grad_norm"] = torch.as_tensor(float(norm))
     return result, recon.detach(), out["indices"].detach()
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 def discriminator_step(disc, disc_opt, images, recon, cfg: TrainConfig):
@@ -355,11 +368,11 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
         if disc is not None and trainer_state.get("disc") is not None:
             disc.load_state_dict(trainer_state["disc"])
             disc_opt.load_state_dict(trainer_state["disc_opt"])
-        if rank_state is not None:
+        stream.load_state_dict(rank_state["data"])
+        if "rng" in rank_state:
             set_rng_state(rank_state["rng"])
-            stream.load_state_dict(rank_state["data"])
         else:
-            log.warning("world size changed since step %d: data position and RNG streams restart", step)
+            log.warning("world size changed since step %d: RNG streams restart", step)
         log.info("resumed from %s at step %d", resume[1], step)
 
     metrics_log = MetricLogger(cfg.run_dir, d.is_main)
@@ -405,7 +418,7 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
             imgs_since += images.shape[0]
         step += 1
         bar.update(1)
-        for k, v in losses.items():
+        for k, v in losses.items():  # loss_* and grad_norm, averaged over the logging interval
             sums[k] = sums.get(k, 0.0) + float(v)
         n_sums += 1
 
@@ -416,9 +429,6 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
             values["perf/img_per_s"] = imgs_since / max(now - t_last, 1e-9) * d.world_size
             values = all_reduce_mean(values, d.device)
             values["train/lr"] = scheduler.get_last_lr()[0]
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                values["train/grad_norm"] = float(gn)
             metrics_log.scalars(step, values)
             bar.set_postfix(
                 rec=f"{values['train/loss_rec']:.4f}", usage=f"{values['train/codebook_usage']:.3f}"

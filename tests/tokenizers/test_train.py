@@ -1,0 +1,165 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokscale.checkpoint import complete_checkpoints, latest_checkpoint
+from tokscale.config import ConfigError
+from tokscale.tokenizers.export import export, publish, verify
+from tokscale.tokenizers.load import load_tokenizer, state_dict_from
+from tokscale.tokenizers.train import load_train_config, main
+
+
+def tiny_cfg(run_dir: Path, shards: str, *extra: str):
+    return load_train_config(
+        "tokenizer/demo",
+        [
+            f"run_dir={run_dir}",
+            f"data.train_shards={shards}",
+            f"data.eval_shards={shards}",
+            "model.image_size=32",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "data.batches_per_epoch=4",
+            "train.max_steps=6",
+            "train.log_every=1",
+            "train.ckpt_every=2",
+            "train.image_every=3",
+            "train.keep_last=2",
+            "train.progress=false",
+            "optim.warmup_steps=2",
+            *extra,
+        ],
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss_total"] for r in rows}
+
+
+class StopAfter:
+    """should_stop() that turns True after n polls (the trainer polls once per step)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls > self.n
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, image_shards):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    result = main(tiny_cfg(run_dir, image_shards))
+    assert result == {"status": "done", "step": 6, "run_dir": str(run_dir)}
+    return run_dir
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_losses_and_weights_as_an_uninterrupted_run(
+    full_run, tmp_path, image_shards
+):
+    run_dir = tmp_path / "run"
+    first = main(tiny_cfg(run_dir, image_shards), should_stop=StopAfter(3))
+    assert first["status"] == "stopped" and first["step"] == 3
+    assert latest_checkpoint(run_dir)[0] == 3
+    second = main(tiny_cfg(run_dir, image_shards))  # the same command again resumes
+    assert second == {"status": "done", "step": 6, "run_dir": str(run_dir)}
+    assert losses(run_dir) == pytest.approx(losses(full_run), rel=1e-6)
+    a, b = state_dict_from(run_dir), state_dict_from(full_run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_directory_holds_config_commit_logs_grid_and_the_last_checkpoints(full_run):
+    assert (full_run / "config.yaml").read_text().count("preset: 2d-tiny") == 1
+    info = json.loads((full_run / "run_info.jsonl").read_text().splitlines()[-1])
+    assert info["world_size"] == 1 and info["git_commit"]
+    assert list((full_run / "tb").iterdir())
+    assert (full_run / "reconstruction.png").stat().st_size > 0
+    assert [s for s, _ in complete_checkpoints(full_run)] == [4, 6]  # keep_last=2
+    row = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in (
+        "train/loss_rec",
+        "train/loss_commit",
+        "train/lr",
+        "train/grad_norm",
+        "train/codebook_usage",
+        "train/codebook_perplexity",
+        "perf/img_per_s",
+    ):
+        assert key in row
+
+
+def test_resuming_with_a_config_that_changes_the_model_is_refused_naming_the_keys(full_run, image_shards):
+    with pytest.raises(ConfigError, match="model.decoder.depth"):
+        main(tiny_cfg(full_run, image_shards, "model.decoder.depth=2"))
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_the_resume_point(full_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run, run_dir)
+    partial = run_dir / "ckpt" / ".tmp_step_00000008"
+    (partial / "engine").mkdir(parents=True)
+    (partial / "rank_00000.pt").write_bytes(b"truncated")
+    assert latest_checkpoint(run_dir)[0] == 6
+    half_renamed = run_dir / "ckpt" / "step_00000010"  # no COMPLETE marker: not a checkpoint
+    half_renamed.mkdir()
+    assert latest_checkpoint(run_dir)[0] == 6
+
+
+def test_export_writes_safetensors_config_card_and_manifest_and_loads_back(full_run, tmp_path):
+    out = export(full_run, tmp_path / "export")
+    for name in (
+        "model.safetensors",
+        "config.yaml",
+        "training.json",
+        "metrics.json",
+        "README.md",
+        "SHA256SUMS",
+    ):
+        assert (out / name).is_file(), name
+    verify(out)
+    assert json.loads((out / "training.json").read_text())["step"] == 6
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: tokscale")
+    tok = load_tokenizer(out)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = tok.encode(images)
+    assert codes.shape == (2, 4) and codes.dtype == torch.int64
+    assert torch.equal(codes, load_tokenizer(full_run).encode(images))
+    assert tok.decode(codes).shape == images.shape
+
+
+def test_a_corrupted_export_fails_verification_naming_the_file(full_run, tmp_path):
+    out = export(full_run, tmp_path / "export")
+    with open(out / "config.yaml", "a") as f:
+        f.write("# edited\n")
+    with pytest.raises(ValueError, match="config.yaml"):
+        verify(out)
+
+
+def test_publish_without_credentials_says_what_is_missing(full_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = export(full_run, tmp_path / "export")
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        publish(out, "someone/tokscale-test")
+
+
+def test_init_from_loads_weights_only_and_starts_at_step_zero(full_run, tmp_path, image_shards):
+    run_dir = tmp_path / "init"
+    cfg = tiny_cfg(
+        run_dir,
+        image_shards,
+        f"init_from={full_run}",
+        "train.max_steps=1",
+        "optim.lr=1e-12",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+    )
+    assert main(cfg)["step"] == 1
+    a, b = state_dict_from(run_dir), state_dict_from(full_run)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
