@@ -227,7 +227,7 @@ class EvalRanges(IterableDataset):
             if offset + count > lo:
                 try:
                     for i, raw in enumerate(iter_raw_samples(url, check)):
-                        if offset + i >= hi:
+                        if offset + i >= hi or i >= count:  # beyond count: the unreadable tail a scan found
                             break
                         if offset + i >= lo:
                             yield raw

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokscale.data.locations import expand_shards, manifest_counts
-from tokscale.data.samples import check_policy, iter_raw_samples
+from tokscale.data.samples import ShardError, check_policy, iter_raw_samples
 from tokscale.data.sampling import EvalRanges, TrainShards, split_range
 from tokscale.data.transforms import CROPS, ImageTransform
 
@@ -176,6 +176,7 @@ class EvalStream:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.urls = resolve_shards(cfg.eval_shards, "eval", cfg.cache_dir)
         self.check_counts = manifest_counts(self.urls)
+        self._scan_skipped = 0
         self.counts = [
             c if c is not None else self._scan(url) for url, c in zip(self.urls, self.check_counts)
         ]
@@ -190,14 +191,22 @@ class EvalStream:
         self.transform = ImageTransform(cfg.resolution, "adm_center", 1.0, hflip=False)
         self.num_skipped = 0
 
-    @staticmethod
-    def _scan(url: str) -> int:
+    def _scan(self, url: str) -> int:
         log.warning(
             "no manifest.json with a count for shard %s: counting its samples by reading it "
             "(write shards with `tokscale data shards` to avoid this)",
             url,
         )
-        return sum(1 for _ in iter_raw_samples(url))
+        count = 0
+        try:
+            for _ in iter_raw_samples(url):
+                count += 1
+        except ShardError as err:
+            if self.cfg.bad_sample_policy == "error":
+                raise
+            log.warning("bad_sample_policy=skip: only the first %d samples are readable: %s", count, err)
+            self._scan_skipped += 1  # the readable head counts; the stream never reads past it
+        return count
 
     def __len__(self) -> int:
         return self.range[1] - self.range[0]
@@ -212,7 +221,7 @@ class EvalStream:
             policy=self.cfg.bad_sample_policy,
             check_counts=self.check_counts,
         )
-        self.num_skipped = 0
+        self.num_skipped = self._scan_skipped
         for images, labels, keys, num_skipped in _loader(dataset, self.cfg.num_workers):
             self.num_skipped += num_skipped
             if keys:
