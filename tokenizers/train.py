@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tokscale.config import ConfigError, diff_keys, load_config, to_dict, to_yaml
 from tokscale.data.stream import DataConfig
+from tokscale.evaluation.config import EvalConfig
 from tokscale.tokenizers.discriminator import DiscriminatorConfig
 from tokscale.tokenizers.model import TokenizerConfig
 from tokscale.tokenizers.perceptual import PerceptualConfig
@@ -73,8 +74,6 @@ class LoopConfig:
     image_every: int = 1000
     ckpt_every: int = 5000
     keep_last: int = 3
-    eval_every: int = 0  # 0: no in-training evaluation
-    eval_samples: int = 1000
     progress: bool = True
     force_resume: bool = False  # resume even when the saved config changes the model
 
@@ -97,6 +96,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(
+        default_factory=EvalConfig
+    )  # eval.every_steps > 0: rFID/PSNR/usage during training
 
     def __post_init__(self):
         if self.data.resolution != self.model.image_size:
@@ -376,6 +378,11 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
         log.info("resumed from %s at step %d", resume[1], step)
 
     metrics_log = MetricLogger(cfg.run_dir, d.is_main)
+    evaluator = None
+    if cfg.eval.every_steps > 0:
+        from tokscale.evaluation.recon import ReconEvaluator, evaluate_in_training
+
+        evaluator = ReconEvaluator(cfg.eval, d.device, frozen.lpips)
     data_it = iter(stream)
     quantizer = engine.module.quantizer
     status = "done"
@@ -438,6 +445,9 @@ def main(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> dic
             grid = image_grid(images, recon)
             metrics_log.image(step, "train/reconstruction", grid)
             save_png(grid, Path(cfg.run_dir) / "reconstruction.png")
+        if evaluator is not None and step % cfg.eval.every_steps == 0:
+            # collective (ZeRO-3 gathers parameters inside the module's forward hooks): every rank evaluates
+            evaluate_in_training(evaluator, engine.module, cfg.data, step, metrics_log, d.rank, d.world_size)
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save(step)
     bar.close()

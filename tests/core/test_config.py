@@ -21,7 +21,10 @@ def test_every_yaml_in_conf_validates_against_its_schema(rel):
     schema = schema_for(rel.parts[0])
     # mandatory paths (???) are the user's to fill: give them a value, everything else must validate as is
     cfg = load_config(
-        schema, conf_dir() / rel, ["data.train_shards=/x/train-{0..1}.tar"], presets=schema.presets
+        schema,
+        conf_dir() / rel,
+        ["data.train_shards=/x/train-{0..1}.tar", "data.eval_shards=/x/val-{0..1}.tar"],
+        presets=schema.presets,
     )
     assert isinstance(cfg, schema)
 

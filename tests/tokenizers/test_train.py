@@ -163,3 +163,21 @@ def test_init_from_loads_weights_only_and_starts_at_step_zero(full_run, tmp_path
     assert main(cfg)["step"] == 1
     a, b = state_dict_from(run_dir), state_dict_from(full_run)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_in_training_evaluation_logs_psnr_and_codebook_usage(tmp_path, image_shards):
+    run_dir = tmp_path / "eval"
+    main(
+        tiny_cfg(
+            run_dir,
+            image_shards,
+            "train.max_steps=2",
+            "eval.every_steps=2",
+            "eval.train_num_samples=8",
+            "eval.batch_size=4",
+        )
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert 0 < evals[0]["eval/psnr"] < 100 and 0 < evals[0]["eval/codebook_usage"] <= 1
