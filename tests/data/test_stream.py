@@ -66,7 +66,9 @@ def test_the_training_stream_never_runs_dry_and_counts_epochs_of_fixed_length(sh
     "stop", [1, 3, 5, 7]
 )  # odd positions: the next batch is worker 1's; 5: an epoch edge
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
-def test_a_resumed_stream_continues_exactly_where_the_saved_position_left_off(shard_dir, stop, rank, world_size):
+def test_a_resumed_stream_continues_exactly_where_the_saved_position_left_off(
+    shard_dir, stop, rank, world_size
+):
     cfg = _cfg(shard_dir)
     reference = _take(TrainStream(cfg, rank, world_size), stop + 4)
     first = TrainStream(cfg, rank, world_size)
