@@ -1,0 +1,135 @@
+"""Through submitit on a real two-node Slurm cluster (tests/jobs/conftest.py starts it; root needed).
+
+The toy trainer (tests/jobs/toy_trainer.py) has the tokenizer trainer's interface and all-reduces over gloo every
+step, so these tests check the Slurm mechanics in seconds: rendezvous across nodes, signal -> checkpoint ->
+requeue -> resume, job arrays, refusal before submission. test_slurm_tokenizer.py runs the real trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tokscale.cli import main as cli_main
+from tokscale.jobs.config import JobConfig
+from tokscale.jobs.status import run_status
+from tokscale.jobs.submission import submit
+
+pytestmark = pytest.mark.slurm
+
+
+def toy_config(tmp_path: Path, max_steps: int = 3, step_s: float = 0.0) -> str:
+    path = tmp_path / "toy.yaml"
+    path.write_text(f"run_dir: {tmp_path / 'run'}\ntrain:\n  max_steps: {max_steps}\n  step_s: {step_s}\n")
+    return str(path)
+
+
+def all_job_ids() -> list[str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+def test_a_two_node_job_all_reduces_across_both_nodes_and_reports_its_status(slurm_cluster, tmp_path):
+    (run,) = submit(
+        toy_config(tmp_path),
+        [],
+        JobConfig(nodes=2, time_min=5, signal_delay_s=30),
+        trainer=slurm_cluster.toy_trainer,
+    )
+    results = slurm_cluster.wait_for(run.job, timeout_s=180)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["status"] == "done" and r["world_size"] == 2 and r["step"] == 3 for r in results)
+    # 1 + 2 summed over the two ranks, at every step: both nodes took part in every collective.
+    assert [m["sum"] for m in slurm_cluster.metrics(run.run_dir)] == [3.0, 3.0, 3.0]
+    nodes = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", run.job_id, "-o", "%N"], capture_output=True, text=True
+    ).stdout.strip()
+    assert nodes == "node[1-2]"
+    status = run_status(run.run_dir)
+    assert (status["state"], status["step"], status["checkpoint_step"]) == ("COMPLETED", 3, 3)
+    assert Path(status["stdout"]).is_file() and status["job_id"] == run.job_id
+
+
+def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm_cluster, tmp_path):
+    # USR2 is what Slurm sends signal_delay_s before the time limit; scancel --signal sends it now.
+    (run,) = submit(
+        toy_config(tmp_path, max_steps=12, step_s=0.4),
+        [],
+        JobConfig(nodes=2, time_min=5, signal_delay_s=30),
+        trainer=slurm_cluster.toy_trainer,
+    )
+    deadline = time.monotonic() + 120
+    while len(slurm_cluster.metrics(run.run_dir)) < 2:
+        assert time.monotonic() < deadline, slurm_cluster.job_logs(run.job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", run.job_id], check=True)
+    results = slurm_cluster.wait_for(run.job, timeout_s=180)
+    assert all(r["status"] == "done" and r["step"] == 12 for r in results)
+    assert all(r["restart"] == 1 for r in results), "the job finished in its requeued run"
+    stopped_at = results[0]["resumed_from"]
+    assert 2 <= stopped_at < 12, "the requeued run resumed from the checkpoint saved on the signal"
+    steps = [m["step"] for m in slurm_cluster.metrics(run.run_dir)]
+    assert steps == list(range(1, 13)), "no step was lost or repeated across the requeue"
+    assert (Path(run.run_dir) / "ckpt" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+    assert "JOB REQUEUE" in Path(run.stderr).read_text()
+
+
+def test_a_sweep_is_one_job_array_with_a_run_dir_per_item(slurm_cluster, tmp_path, capsys):
+    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer, "--json"]
+    argv += [
+        "--time",
+        "5",
+        "--signal-delay-s",
+        "30",
+        "--sweep",
+        "train.max_steps=2",
+        "--sweep",
+        "train.max_steps=3",
+    ]
+    assert cli_main(argv) == 0
+    runs = json.loads(capsys.readouterr().out)
+    array_id = runs[0]["job_id"].split("_")[0]
+    assert [r["job_id"] for r in runs] == [f"{array_id}_0", f"{array_id}_1"]
+    assert [r["run_dir"] for r in runs] == [
+        str(tmp_path / "run" / "max_steps-2"),
+        str(tmp_path / "run" / "max_steps-3"),
+    ]
+    import submitit
+
+    for r, steps in zip(runs, (2, 3)):
+        job = submitit.SlurmJob(folder=Path(r["stdout"]).parent, job_id=r["job_id"])
+        (result,) = slurm_cluster.wait_for(job, timeout_s=180)
+        assert result["step"] == steps and result["world_size"] == 1
+        assert [m["step"] for m in slurm_cluster.metrics(r["run_dir"])] == list(range(1, steps + 1))
+        assert json.loads((Path(r["run_dir"]) / "slurm" / "job.json").read_text())["job_id"] == r["job_id"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--partition", "nosuch"], "job.partition='nosuch': unknown partition 'nosuch'"),
+        (["--nodes", "3"], "job.nodes=3: partition 'debug' has only 2 node"),
+        (["--gpus-per-node", "1"], "job.gpus_per_node=1: partition 'debug' has no GPUs"),
+        (["--slurm", "nodelist=node9"], "Slurm refuses the job request"),
+    ],
+)
+def test_an_impossible_request_is_refused_at_submission(slurm_cluster, tmp_path, capsys, flags, message):
+    before = all_job_ids()
+    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer, *flags]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert all_job_ids() == before and not (tmp_path / "run" / "slurm").exists()
+
+
+def test_a_config_error_fails_before_anything_is_submitted(slurm_cluster, tmp_path, capsys):
+    before = all_job_ids()
+    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer]
+    assert cli_main(argv + ["--sweep", "train.max_steps=2", "--sweep", "train.max_stepz=3"]) == 2
+    assert "max_stepz" in capsys.readouterr().err
+    assert all_job_ids() == before and not (tmp_path / "run").exists()
