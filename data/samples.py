@@ -104,7 +104,10 @@ def iter_raw_samples(url: str, expected_count: int | None = None) -> Iterator[Ra
                 yield current
                 last_key = current.key
     except (tarfile.TarError, EOFError, OSError) as err:
-        _close_quietly(stream)
+        try:
+            stream.close()
+        except Exception as close_err:  # the real cause: a pipe: command or download that failed
+            raise ShardError(f"shard {url}: reading failed ({close_err})") from err
         after = f"after key {last_key!r}" if last_key is not None else "before the first sample"
         raise ShardError(
             f"shard {url}: truncated or corrupt tar {after} ({type(err).__name__}: {err})"

@@ -175,3 +175,24 @@ def test_a_missing_class_label_is_a_bad_sample(tmp_path, helpers):
     path = _with_bad_sample(helpers, tmp_path, {"png": helpers.encode_image(3)})
     with pytest.raises(BadSampleError, match="key 'bad': no class label"):
         _eval_keys(EvalStream(_cfg(path), 0, 1))
+
+
+def test_http_locations_are_streamed_and_a_missing_url_is_a_shard_error(tmp_path, helpers):
+    import functools
+    import http.server
+    import threading
+
+    helpers.write_tar(tmp_path / "h-0.tar", helpers.labelled_samples(0, 3))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        keys = _eval_keys(EvalStream(_cfg(f"{base}/h-0.tar"), 0, 1))
+        assert keys == ["s00000", "s00001", "s00002"]
+        with pytest.raises(ShardError, match="h-9.tar"):
+            list(iter_raw_samples(f"{base}/h-9.tar"))
+    finally:
+        server.shutdown()
+        server.server_close()
