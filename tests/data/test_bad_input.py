@@ -196,3 +196,21 @@ def test_http_locations_are_streamed_and_a_missing_url_is_a_shard_error(tmp_path
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_resume_stays_exact_when_bad_samples_are_skipped(tmp_path, helpers):
+    samples = helpers.labelled_samples(0, 5) + [("bad", {"jpg": b"junk", "cls": b"0"})]
+    helpers.write_tar(tmp_path / "k-0.tar", samples + helpers.labelled_samples(5, 4))
+    helpers.write_tar(tmp_path / "k-1.tar", helpers.labelled_samples(9, 6))
+    cfg = _cfg(
+        tmp_path / "k-{0..1}.tar", bad_sample_policy="skip", num_workers=2, shuffle_buffer=4, batch_size=3
+    )
+    uninterrupted = TrainStream(cfg, 0, 1)
+    reference = list(itertools.islice(iter(uninterrupted), 7))
+    assert uninterrupted.num_skipped >= 1  # the bad sample was met (and skipped) in these batches
+    first = TrainStream(cfg, 0, 1)
+    list(itertools.islice(iter(first), 3))
+    resumed = TrainStream(cfg, 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    rest = list(itertools.islice(iter(resumed), 4))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, reference[3:]))
