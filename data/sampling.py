@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tokscale.data.samples import BadSampleError, RawSample, ShardError, decode_image, sample_label
+from tokscale.data.samples import (
+    BadSampleError,
+    RawSample,
+    ShardError,
+    decode_image,
+    iter_raw_samples,
+    sample_label,
+)
 from tokscale.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -94,8 +101,6 @@ class TrainShards(IterableDataset):
             i += total
 
     def raw_samples(self, epoch: int, stream: int) -> Iterator[RawSample]:
-        from tokscale.data.samples import iter_raw_samples
-
         empty_in_a_row = 0
         for idx in self.shard_order(epoch, stream):
             got = 0
@@ -218,8 +223,6 @@ class EvalRanges(IterableDataset):
         self.batch_size, self.policy, self.check_counts = batch_size, policy, check_counts
 
     def samples(self, lo: int, hi: int) -> Iterator[RawSample]:
-        from tokscale.data.samples import iter_raw_samples
-
         offset = 0
         for url, count, check in zip(self.urls, self.counts, self.check_counts):
             if offset >= hi:
