@@ -89,8 +89,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
         )
     w1, v1 = np.linalg.eigh(0.5 * (s1 + s1.T))
-    sqrt_s1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
-    m = sqrt_s1 @ s2 @ sqrt_s1
+    # Restrict to the range of S1: with S1^{1/2} = V D^{1/2} V^T over the kept eigenvalues, the non-zero
+    # eigenvalues of S1^{1/2} S2 S1^{1/2} are those of the r x r matrix D^{1/2} V^T S2 V D^{1/2}. Eigenvalues
+    # at rounding level are dropped: kept, they make LAPACK crawl through denormals (a 3-sample covariance in
+    # 2048 dims took 18 s instead of 1) and add only their rounding-level square roots.
+    keep = w1 > w1.max(initial=0.0) * w1.shape[0] * np.finfo(np.float64).eps
+    v = v1[:, keep] * np.sqrt(w1[keep])
+    m = v.T @ s2 @ v
     w = np.linalg.eigvalsh(0.5 * (m + m.T))
     tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
     diff = mu1 - mu2
@@ -157,8 +162,11 @@ def _npz_array_shape(path: Path, name: str) -> tuple[int, ...] | None:
         if f"{name}.npy" not in zf.namelist():
             return None
         with zf.open(f"{name}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, _ = np.lib.format._read_array_header(f, version)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(f)
     return tuple(shape)
 
 
@@ -227,3 +235,36 @@ def check_compatible(ref: ReferenceStats, ours: StatsMeta, force: bool = False) 
         if not force:
             raise ValueError(msg + " (pass --force / eval.force=true to compare anyway)")
         log.warning("%s; comparing anyway because force is set", msg)
+
+
+@torch.no_grad()
+def dataset_stats(
+    batches, inception, device: str | torch.device, progress: bool = False, total: int | None = None
+):
+    """(GaussianStats merged over ranks, resolution) of the uint8-quantised images a stream yields: the
+    reference statistics of the evaluation crops. Collective when torch.distributed is initialised."""
+    from tokscale.evaluation.inception import quantize_uint8
+    from tokscale.evaluation.recon import split_batch
+
+    stats = GaussianStats(FEATURE_DIM, device)
+    resolution = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="reference stats", unit="img", total=total)
+    for batch in batches:
+        images, _ = split_batch(batch)
+        resolution = resolution or int(images.shape[-1])
+        pool, _ = inception(quantize_uint8(images.to(device)))
+        stats.update(pool)
+        if bar is not None:
+            bar.update(images.shape[0])
+    if bar is not None:
+        bar.close()
+    stats.all_reduce()
+    if dist.is_initialized() and dist.get_world_size() > 1:  # a rank with no batches still learns the size
+        r = torch.tensor([resolution], device=device)
+        dist.all_reduce(r, op=dist.ReduceOp.MAX)
+        resolution = int(r.item())
+    return stats, resolution

@@ -40,3 +40,29 @@ def random_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     u8 = torch.randint(0, 256, (n, 3, size, size), generator=g)
     return u8.float() / 127.5 - 1.0
+
+
+class PixelTokenizer(nn.Module):
+    """A lossless tokenizer: every uint8 subpixel is a code (codebook 256), so reconstructions equal the crops."""
+
+    def __init__(self, image_size: int = 16):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.codebook_size = 256
+        self.image_size = image_size
+        self.num_tokens = 3 * image_size * image_size
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(127.5 * images + 128.0, 0, 255).long().flatten(1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        return codes.reshape(-1, 3, s, s).float() / 127.5 - 1.0
+
+
+def batches(images: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
+    """(images, labels, keys) batches of this rank's share (sample i goes to rank i mod world_size)."""
+    idx = list(range(rank, images.shape[0], world_size))
+    for start in range(0, len(idx), batch_size):
+        sel = idx[start : start + batch_size]
+        yield images[sel], torch.zeros(len(sel), dtype=torch.long), [f"img{i:05d}" for i in sel]

@@ -1,0 +1,73 @@
+"""One rank of the two-process evaluation tests: ``python dist_worker.py MODE OUT`` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set. Writes what it computed to OUT (a torch file) on rank 0."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from palette import PaletteTokenizer, batches, random_images  # noqa: E402
+
+from tokscale.evaluation import EvalConfig, evaluate_reconstruction  # noqa: E402
+from tokscale.evaluation.fid import GaussianStats  # noqa: E402
+from tokscale.evaluation.image_metrics import CodeUsage  # noqa: E402
+from tokscale.evaluation.inception_score import InceptionScore  # noqa: E402
+
+NUM = 10  # uneven share on purpose at 3 ranks; 5 each at 2
+
+
+def features(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(NUM, 2048, generator=g, dtype=torch.float64) * 2 + 1, torch.randn(
+        NUM, 1008, generator=g
+    ) * 3
+
+
+def stats_mode(rank: int, world: int) -> dict:
+    feats, logits = features()
+    stats, isc, usage = GaussianStats(), InceptionScore(splits=2, rank=rank, world_size=world), CodeUsage(64)
+    mine = list(range(rank, NUM, world))
+    stats.update(feats[mine])
+    isc.update(logits[mine])
+    usage.update(torch.arange(NUM)[mine] * 5)
+    stats.all_reduce()
+    isc.all_reduce()
+    usage.all_reduce()
+    mu, sigma = stats.mean_cov()
+    return {
+        "mu": mu,
+        "sigma": sigma,
+        "count": stats.num_samples,
+        "is": isc.compute(),
+        "usage": usage.compute(),
+    }
+
+
+def recon_mode(rank: int, world: int) -> dict:
+    images = random_images(NUM, size=16, seed=5)
+    cfg = EvalConfig(compute_fid=False, compute_lpips=False, batch_size=2)
+    return evaluate_reconstruction(
+        PaletteTokenizer(), batches(images, 2, rank, world), cfg, rank, world, progress=False
+    )
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {"stats": stats_mode, "recon": recon_mode}[mode](rank, world)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
