@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import runpy
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def launch_local(nproc: int, target: Sequence[str] | Callable, *args: Any, **kwa
     """Run ``target`` in ``nproc`` local processes with the torch.distributed environment set.
 
     ``target`` is either
-    - a Python argv (``["-m", "tokscale.tokenizers.train", CONFIG, *OVERRIDES]``): each rank runs
-      ``sys.executable *argv``; returns 0 when every rank exits 0, else the first failing rank's exit code; or
+    - a Python argv (``["-m", "tokscale.tokenizers.train", CONFIG, *OVERRIDES]`` or ``["script.py", ...]``):
+      each rank runs it like ``python *argv`` (through :func:`run_argv`, so a rank that exits 0 skips the
+      interpreter teardown); returns 0 when every rank exits 0, else the first failing rank's exit code; or
     - a picklable function: each rank calls ``target(*args, **kwargs)`` in a spawned process and ends through
       :func:`tokscale.jobs.shutdown.finish`; returns the list of per-rank return values, raises RuntimeError
       naming the rank when one fails.
@@ -68,7 +70,8 @@ def _launch_argv(nproc: int, port: int, argv: list[str]) -> int:
     procs = []
     for rank in range(nproc):
         env = {**os.environ, **rank_env(rank, nproc, port)}
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+        # Through run_argv, so that a rank that finishes ends with finish() (see tokscale.jobs.shutdown).
+        procs.append(subprocess.Popen([sys.executable, "-m", "tokscale.jobs.local", *argv], env=env))
     try:
         codes, first = _wait_all(
             procs, lambda p: p.poll(), lambda p: p.send_signal(signal.SIGTERM), lambda p: p.kill()
@@ -157,3 +160,34 @@ def _launch_function(nproc: int, port: int, fn: Callable, args: tuple, kwargs: d
         if codes[rank] != 0 or status != "ok":
             raise RuntimeError(f"rank {rank} of {nproc} exited with code {codes[rank]} without a result")
     return [values[r][1] for r in range(nproc)]
+
+
+def run_argv(argv: list[str]) -> NoReturn:
+    """Run ``python ARGV`` (``-m module ...`` or ``script.py ...``) in this process, then leave through
+    :func:`tokscale.jobs.shutdown.finish` when it exits 0. An exception or a non-zero exit keeps Python's own
+    behaviour (traceback, exit code), so failures look exactly as without this wrapper."""
+    from tokscale.jobs.shutdown import exit_process, finish
+
+    if not argv:
+        raise SystemExit("usage: python -m tokscale.jobs.local (-m MODULE | SCRIPT) [ARGS...]")
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # sys.exit("message"): Python prints it and exits 1
+            print(stop.code, file=sys.stderr)
+            code = 1
+    if code == 0:
+        finish(0)
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    run_argv(sys.argv[1:])

@@ -35,6 +35,7 @@ class SubmittedRun:
     stdout: str
     stderr: str
     overrides: list[str]
+    num_tasks: int = 1  # Slurm tasks (= torch.distributed ranks) of the job
     job: object = None  # the submitit Job (not serialised)
 
     def describe(self) -> dict:
@@ -166,6 +167,7 @@ def submit(
             stdout=str(rank0.stdout),
             stderr=str(rank0.stderr),
             overrides=run_overrides,
+            num_tasks=job_cfg.world_size,
             job=job,
         )
         write_job_file(run_dir, run, job_cfg, config)

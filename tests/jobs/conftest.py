@@ -94,7 +94,9 @@ class Cluster:
         """job.results(), but failing with the job's logs when Slurm ends it without results (no sacct here)."""
         deadline = time.monotonic() + timeout_s
         ended_since = None
-        while not job.done():
+        # Result files only: job.done() would also ask sacct, which this cluster does not have.
+        tasks = getattr(job, "_sub_jobs", None) or [job]
+        while not all(t.paths.result_pickle.exists() for t in tasks):
             state = self.squeue_state(job.job_id)
             if state in (
                 "FAILED",
@@ -117,6 +119,15 @@ class Cluster:
                 )
             time.sleep(0.5)
         return job.results()
+
+    def final_state(self, job_id: str, timeout_s: float = 30) -> str:
+        """The state once the job left RUNNING/COMPLETING (result files appear just before)."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.squeue_state(job_id)) in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        return state
 
     def job_logs(self, job) -> str:
         texts = []

@@ -50,3 +50,23 @@ def test_one_failing_rank_stops_the_others_and_returns_its_exit_code(tmp_path):
 def test_nproc_must_be_positive():
     with pytest.raises(ValueError, match="--nproc"):
         launch_local(0, [sys.executable])
+
+
+def test_argv_ranks_that_finish_skip_the_interpreter_teardown(tmp_path):
+    # The teardown is where ZeRO-3 over gloo sometimes aborts; argv workers end through finish().
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: open(os.path.join(sys.argv[1], 'teardown' + os.environ['RANK']), 'w').close())\n"
+        "open(os.path.join(sys.argv[1], 'ran' + os.environ['RANK']), 'w').close()\n"
+    )
+    assert launch_local(2, [str(script), str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "ends.py") == ["ran0", "ran1"]
+
+
+def test_argv_exit_codes_and_messages_pass_through(tmp_path):
+    script = tmp_path / "exits.py"
+    script.write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
+    assert launch_local(1, [str(script), "5"]) == 5
+    assert launch_local(1, [str(script), "0"]) == 0
+    assert launch_local(1, ["-m", "json.tool", "--help"]) == 0

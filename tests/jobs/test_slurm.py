@@ -1,15 +1,14 @@
 """Through submitit on a real two-node Slurm cluster (tests/jobs/conftest.py starts it; root needed).
 
 The toy trainer (tests/jobs/toy_trainer.py) has the tokenizer trainer's interface and all-reduces over gloo every
-step, so these tests check the Slurm mechanics in seconds: rendezvous across nodes, signal -> checkpoint ->
-requeue -> resume, job arrays, refusal before submission. test_slurm_tokenizer.py runs the real trainer.
+step, so these tests check the Slurm mechanics in seconds: rendezvous across nodes, job arrays, status, refusal
+before submission. test_slurm_tokenizer.py runs the real trainer (including preemption and requeue).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -51,33 +50,22 @@ def test_a_two_node_job_all_reduces_across_both_nodes_and_reports_its_status(slu
         ["squeue", "-h", "-t", "all", "-j", run.job_id, "-o", "%N"], capture_output=True, text=True
     ).stdout.strip()
     assert nodes == "node[1-2]"
+    assert slurm_cluster.final_state(run.job_id) == "COMPLETED"
     status = run_status(run.run_dir)
     assert (status["state"], status["step"], status["checkpoint_step"]) == ("COMPLETED", 3, 3)
     assert Path(status["stdout"]).is_file() and status["job_id"] == run.job_id
 
 
-def test_a_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_end(slurm_cluster, tmp_path):
-    # USR2 is what Slurm sends signal_delay_s before the time limit; scancel --signal sends it now.
+def test_jobs_status_prints_the_state_step_and_checkpoint_of_a_run(slurm_cluster, tmp_path, capsys):
     (run,) = submit(
-        toy_config(tmp_path, max_steps=12, step_s=0.4),
-        [],
-        JobConfig(nodes=2, time_min=5, signal_delay_s=30),
-        trainer=slurm_cluster.toy_trainer,
+        toy_config(tmp_path), [], JobConfig(time_min=5, signal_delay_s=30), trainer=slurm_cluster.toy_trainer
     )
-    deadline = time.monotonic() + 120
-    while len(slurm_cluster.metrics(run.run_dir)) < 2:
-        assert time.monotonic() < deadline, slurm_cluster.job_logs(run.job)
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", run.job_id], check=True)
-    results = slurm_cluster.wait_for(run.job, timeout_s=180)
-    assert all(r["status"] == "done" and r["step"] == 12 for r in results)
-    assert all(r["restart"] == 1 for r in results), "the job finished in its requeued run"
-    stopped_at = results[0]["resumed_from"]
-    assert 2 <= stopped_at < 12, "the requeued run resumed from the checkpoint saved on the signal"
-    steps = [m["step"] for m in slurm_cluster.metrics(run.run_dir)]
-    assert steps == list(range(1, 13)), "no step was lost or repeated across the requeue"
-    assert (Path(run.run_dir) / "ckpt" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
-    assert "JOB REQUEUE" in Path(run.stderr).read_text()
+    slurm_cluster.wait_for(run.job, timeout_s=180)
+    slurm_cluster.final_state(run.job_id)
+    assert cli_main(["jobs", "status", run.run_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"job:             {run.job_id} (COMPLETED)" in out
+    assert "step:            3/3" in out and "ckpt/step_00000003" in out
 
 
 def test_a_sweep_is_one_job_array_with_a_run_dir_per_item(slurm_cluster, tmp_path, capsys):
