@@ -57,12 +57,35 @@ def recon_mode(rank: int, world: int) -> dict:
     )
 
 
+def blobs(n: int, seed: int, num_classes: int = 4, dim: int = 16):
+    """Linearly separable Gaussian blobs: (features, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def probe_mode(rank: int, world: int) -> dict:
+    from tokscale.evaluation.probe import FeatureSet, ProbeConfig, train_probe_on_features
+
+    x, y = blobs(203, seed=0)  # uneven shares: rank 0 gets one sample more
+    vx, vy = blobs(64, seed=1)
+    train = FeatureSet(x[rank::world], y[rank::world])
+    val = FeatureSet(vx[rank::world], vy[rank::world])
+    out = train_probe_on_features(
+        train, val, 4, ProbeConfig(epochs=20, warmup_epochs=1, batch_size=16, base_lr=40.0)
+    )
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return {"ranks": gathered}
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"stats": stats_mode, "recon": recon_mode}[mode](rank, world)
+        result = {"stats": stats_mode, "recon": recon_mode, "probe": probe_mode}[mode](rank, world)
         if rank == 0:
             torch.save(result, out)
     finally:
