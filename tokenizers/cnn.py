@@ -69,9 +69,13 @@ class AdaptiveGroupNorm(nn.Module):
         nn.init.zeros_(self.to_scale_shift.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if cond.shape[-2:] != x.shape[-2:]:
-            cond = F.interpolate(cond, size=x.shape[-2:], mode="nearest")
-        scale, shift = self.to_scale_shift(cond).chunk(2, dim=1)
+        # The 1x1 convolution runs at the conditioning map's (token-grid) resolution and its output is upsampled:
+        # identical to convolving the upsampled map (nearest upsampling commutes with 1x1 convolutions), without
+        # materialising z_channels x H x W at every full-resolution norm.
+        scale_shift = self.to_scale_shift(cond)
+        if scale_shift.shape[-2:] != x.shape[-2:]:
+            scale_shift = F.interpolate(scale_shift, size=x.shape[-2:], mode="nearest")
+        scale, shift = scale_shift.chunk(2, dim=1)
         return self.norm(x) * (1 + scale) + shift
 
 
