@@ -115,6 +115,30 @@ def requeue(job_id: str) -> None:
     log.info("requeued job %s", job_id)
 
 
+REQUEUE, EXIT_STOPPED, RETURN_RESULT = "requeue", "exit stopped", "return result"
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM  # what an uncaught SIGTERM would have given
+
+
+def next_action(result: dict, signal_name: str | None, restarts: int, max_requeues: int) -> str:
+    """What a task does once ``main`` returned.
+
+    - stopped after SIGUSR2 (time limit ahead, or ``scancel --signal=USR2``): requeue, unless the job already
+      restarted ``max_requeues`` times;
+    - stopped after SIGTERM (preemption, which Slurm requeues itself; or cancellation): exit without a result;
+    - finished (or out of requeues): write the result and exit 0.
+    """
+    if result.get("status") != "stopped":
+        return RETURN_RESULT
+    if signal_name == "SIGUSR2":
+        if restarts < max_requeues:
+            return REQUEUE
+        log.warning("not requeueing: restart %d reached job.max_requeues=%d", restarts, max_requeues)
+        return RETURN_RESULT
+    if signal_name == "SIGTERM":
+        return EXIT_STOPPED
+    return RETURN_RESULT
+
+
 class TrainingJob:
     """What ``tokscale submit`` hands to submitit: a trainer, a resolved config file and the requeue policy.
 
@@ -150,22 +174,17 @@ class TrainingJob:
     def _after_training(self, result: dict, stop: StopRequest, job_env) -> dict:
         from tokscale.jobs.shutdown import barrier_if_distributed, finish
 
-        rank = job_env.global_rank
-        if result.get("status") == "stopped":
-            if stop.wants_requeue and restart_count() < self.max_requeues:
-                barrier_if_distributed()  # every rank's part of the checkpoint is on disk
-                if rank == 0:
-                    requeue(job_env.job_id)
-                # No result file: the submitter's job.result() waits for the requeued run.
-                finish(0)
-            if stop.signal_name == "SIGTERM":
-                log.info(
-                    "stopped by SIGTERM at step %s: checkpoint saved, not requeueing", result.get("step")
-                )
-                finish(0)
-            log.warning(
-                "not requeueing: restart %d reached job.max_requeues=%d", restart_count(), self.max_requeues
-            )
+        action = next_action(result, stop.signal_name, restart_count(), self.max_requeues)
+        log.info("training returned %s at step %s: %s", result.get("status"), result.get("step"), action)
+        if action == REQUEUE:
+            barrier_if_distributed()  # every rank's part of the checkpoint is on disk
+            if job_env.global_rank == 0:
+                requeue(job_env.job_id)
+            # No result file: the submitter's job.result() waits for the requeued run.
+            finish(0)
+        if action == EXIT_STOPPED:
+            # Preempted (Slurm requeues the job itself) or cancelled: no result, and not "COMPLETED".
+            finish(STOPPED_EXIT_CODE)
         write_result(job_env, result)
         finish(0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,24 @@ def test_a_config_error_fails_before_anything_is_submitted(slurm_cluster, tmp_pa
     assert cli_main(argv + ["--sweep", "train.max_steps=2", "--sweep", "train.max_stepz=3"]) == 2
     assert "max_stepz" in capsys.readouterr().err
     assert all_job_ids() == before and not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_ends_the_job_without_requeueing(slurm_cluster, tmp_path):
+    # SIGTERM is preemption (Slurm requeues the job itself) or cancellation: save, then stop for good.
+    (run,) = submit(
+        toy_config(tmp_path, max_steps=200, step_s=0.1),
+        [],
+        JobConfig(nodes=2, time_min=5, signal_delay_s=30),
+        trainer=slurm_cluster.toy_trainer,
+    )
+    deadline = time.monotonic() + 120
+    while len(slurm_cluster.metrics(run.run_dir)) < 2:
+        assert time.monotonic() < deadline, slurm_cluster.job_logs(run.job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", run.job_id], check=True)
+    assert slurm_cluster.final_state(run.job_id, timeout_s=60) == "FAILED"  # exit 143: stopped, not done
+    status = run_status(run.run_dir)
+    assert 2 <= status["checkpoint_step"] < 200 and status["checkpoint_step"] == status["step"]
+    assert not list(Path(run.stdout).parent.glob("*_result.pkl"))
+    restarts = subprocess.run(["scontrol", "show", "job", run.job_id], capture_output=True, text=True).stdout
+    assert "Restarts=0" in restarts

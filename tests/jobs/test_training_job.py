@@ -4,7 +4,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokscale.jobs.training_job import StopRequest, TrainingJob, distributed_env, load_trainer, master_port
+from tokscale.jobs.training_job import (
+    EXIT_STOPPED,
+    REQUEUE,
+    RETURN_RESULT,
+    StopRequest,
+    TrainingJob,
+    distributed_env,
+    load_trainer,
+    master_port,
+    next_action,
+)
 
 TOY = os.path.join(os.path.dirname(__file__), "toy_trainer.py")
 
@@ -56,3 +66,19 @@ def test_checkpoint_resubmits_the_same_job_for_submitits_timeout_path():
     again = delayed.function
     assert isinstance(again, TrainingJob) and again is not job
     assert (again.config_path, again.trainer, again.max_requeues) == (job.config_path, TOY, 5)
+
+
+@pytest.mark.parametrize(
+    "status, signal_name, restarts, action",
+    [
+        ("done", None, 0, RETURN_RESULT),
+        ("done", "SIGUSR2", 0, RETURN_RESULT),  # the signal came after the last step
+        ("stopped", "SIGUSR2", 0, REQUEUE),
+        ("stopped", "SIGUSR2", 2, RETURN_RESULT),  # max_requeues=2 reached: stop for good, say so
+        ("stopped", "SIGTERM", 0, EXIT_STOPPED),  # preempted (Slurm requeues) or cancelled (must stay so)
+    ],
+)
+def test_after_training_a_task_requeues_only_when_a_usr2_stop_has_requeues_left(
+    status, signal_name, restarts, action
+):
+    assert next_action({"status": status, "step": 5}, signal_name, restarts, max_requeues=2) == action
