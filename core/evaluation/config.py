@@ -24,6 +24,9 @@ class EvalConfig:
     # Metrics to skip: LPIPS needs the VGG weights; FID/IS need the Inception weights.
     compute_fid: bool = True
     compute_lpips: bool = True
+    # Local torchvision vgg16 state dict for LPIPS (tokscale.tokenizers.perceptual reads it); required when
+    # compute_lpips is set and the caller does not pass its own LPIPS module.
+    lpips_vgg_weights: str = ""
     # Images per rank 0 shown as originals beside reconstructions in the grid.
     num_grid_images: int = 8
     # Trainer cadence: evaluate every N optimizer steps on the first `train_num_samples` images (0 = never).

@@ -245,7 +245,7 @@ def train_probe_on_features(
                 _all_reduce(buf).div_(world)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=float(loss))
+            bar.set_postfix(loss=float(loss.detach()))
     if bar is not None:
         bar.close()
     out = probe_accuracy(model, val, device)

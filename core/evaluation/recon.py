@@ -106,7 +106,9 @@ class ReconEvaluator:
         if progress and rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(desc="eval recon", unit="img", total=cfg.num_samples // max(world_size, 1))
+            bar = tqdm(
+                desc="eval recon", unit="img", total=len(batches) if hasattr(batches, "__len__") else None
+            )
         for batch in batches:
             images, _ = split_batch(batch)
             images = images.to(dev, non_blocking=True).float()

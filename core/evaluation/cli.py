@@ -1,0 +1,203 @@
+"""``tokscale eval recon|stats|probe`` and ``tokscale bench eval``.
+
+    tokscale eval recon runs/tok --data /data/in1k/val --inception-weights pt_inception.pth --vgg-weights vgg16.pth
+    tokscale eval recon exports/2d-tiny --data embedded --inception-weights pt_inception.pth --no-lpips --nproc 2
+    tokscale eval recon runs/tok --data /data/in1k/val ... --submit --gpus-per-node 8 -p gpu -t 60
+    tokscale eval stats --data /data/in1k/val --inception-weights pt_inception.pth --resolution 256 val256.npz
+    tokscale eval probe runs/tok --train-data /data/in1k/train --eval-data /data/in1k/val --epochs 90
+    tokscale bench eval --inception-weights pt_inception.pth   (random weights when omitted)
+
+Every command builds one :class:`tokscale.evaluation.runner.EvalJobConfig` from its flags (plus dotlist
+overrides such as ``eval.is_splits=10`` or ``data.num_workers=4``) and runs it in this process, in ``--nproc``
+local processes, or as a Slurm job (``--submit`` with the Slurm flags of ``tokscale submit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
+    if tokenizer:
+        p.add_argument(
+            "tokenizer", help="a tokscale run directory (newest checkpoint) or an exported tokenizer"
+        )
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity's Inception .pth (local file)")
+    p.add_argument("--num-samples", type=int, default=None, help="evaluation images (default 50000)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per rank per step (default 50)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="crop size (default: the tokenizer's, or 256)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
+    p.add_argument("--out", default=None, help="output folder (default: eval/<command>)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="dotlist overrides, e.g. eval.is_splits=10 data.num_workers=4"
+    )
+    slurm = p.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
+    slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
+    from tokscale.jobs.cli import JOB_FLAGS, SHORT
+
+    for flag, dest, typ, help_ in JOB_FLAGS:
+        names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
+        slurm.add_argument(*names, dest=f"job_{dest}", type=typ, default=None, help=help_)
+    slurm.add_argument(
+        "--slurm", action="append", default=[], metavar="OPTION=VALUE", help="other sbatch options"
+    )
+    slurm.add_argument("--job-config", default=None, help="YAML with JobConfig fields; flags override it")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval", help="paper-comparable evaluation: rFID/IS/PSNR/SSIM/LPIPS, reference stats, probes"
+    )
+    esub = ev.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
+
+    recon = esub.add_parser(
+        "recon",
+        help="reconstruct an evaluation set across ranks; rFID, IS, PSNR, SSIM, LPIPS, codebook usage",
+        description=(
+            "tokscale eval recon RUN_OR_EXPORT --data SHARDS --inception-weights PTH --vgg-weights PTH. Writes "
+            "metrics.json, TensorBoard scalars and grid.png into --out. rFID compares against the same evaluation "
+            "crops unless --reference names an ADM-format npz."
+        ),
+    )
+    recon.add_argument("--data", required=True, help="evaluation shards (path, pattern, or 'embedded')")
+    recon.add_argument(
+        "--reference", default=None, help="ADM-format npz to compare against (default: same crops)"
+    )
+    recon.add_argument(
+        "--vgg-weights", default=None, help="torchvision vgg16 state dict for LPIPS (local file)"
+    )
+    recon.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG weights needed)")
+    recon.add_argument("--no-fid", action="store_true", help="skip rFID and IS (no Inception weights needed)")
+    recon.add_argument("--force", action="store_true", help="compare against a reference of another protocol")
+    _common(recon, tokenizer=True)
+    recon.set_defaults(func=eval_recon)
+
+    stats = esub.add_parser(
+        "stats",
+        help="write Inception reference statistics (ADM npz: mu, sigma + protocol) of evaluation crops",
+        description="tokscale eval stats --data SHARDS --inception-weights PTH --resolution 256 OUT.npz",
+    )
+    stats.add_argument("stats_out", metavar="OUT.npz")
+    stats.add_argument("--data", required=True, help="shards whose ADM centre crops the statistics describe")
+    _common(stats, tokenizer=False)
+    stats.set_defaults(func=eval_stats)
+
+    probe = esub.add_parser(
+        "probe",
+        help="linear probe (MAE protocol: BN + Linear, LARS) and a quick logistic probe on encoder features",
+        description="tokscale eval probe RUN_OR_EXPORT --train-data SHARDS --eval-data SHARDS [--epochs 90]",
+    )
+    probe.add_argument("--train-data", required=True, help="shards the probe trains on")
+    probe.add_argument("--eval-data", required=True, help="shards the probe is tested on")
+    probe.add_argument("--epochs", type=int, default=None, help="LARS probe epochs (default 90)")
+    probe.add_argument("--warmup-epochs", type=int, default=None, help="warmup epochs (default 10)")
+    probe.add_argument("--method", choices=("lars", "logistic", "both"), default=None, help="default both")
+    _common(probe, tokenizer=True)
+    probe.set_defaults(func=eval_probe)
+
+
+def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
+    b = bench_sub.add_parser(
+        "eval",
+        help="Inception feature-extraction images/s and seconds per 2048-d Fréchet distance (JSON)",
+        description="tokscale bench eval [--inception-weights PTH] [--batch 50] [--resolution 256] [--device auto]",
+    )
+    b.add_argument("--inception-weights", default=None, help="default: random weights written to a temp file")
+    b.add_argument("--batch", type=int, default=50)
+    b.add_argument("--resolution", type=int, default=256)
+    b.add_argument("--steps", type=int, default=5, help="timed batches after one warmup batch")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.set_defaults(func=bench_eval)
+
+
+def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
+    from tokscale.config import load_config
+    from tokscale.evaluation.runner import EvalJobConfig
+
+    dot = [f"task={task}", f"run_dir={args.out or f'eval/{task}'}"] + extra
+    flag_map = {
+        "inception_weights": "eval.inception_weights",
+        "num_samples": "eval.num_samples",
+        "batch_size": "eval.batch_size",
+        "workers": "data.num_workers",
+    }
+    for attr, key in flag_map.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            dot.append(f"{key}={value}")
+    tokenizer = getattr(args, "tokenizer", None)
+    resolution = args.resolution
+    if tokenizer:
+        dot.append(f"tokenizer={tokenizer}")
+        if resolution is None:  # the tokenizer's own resolution
+            from tokscale.tokenizers.load import model_config_from
+
+            resolution = model_config_from(tokenizer).image_size
+    if resolution is not None:
+        dot.append(f"data.resolution={resolution}")
+    return load_config(EvalJobConfig, None, dot + list(args.overrides))
+
+
+def _dispatch(args: argparse.Namespace, cfg) -> int:
+    from tokscale.evaluation.runner import main, write_config
+
+    if args.submit:
+        from tokscale.jobs.cli import job_config_from_args
+        from tokscale.jobs.submission import submit
+
+        runs = submit(
+            str(write_config(cfg)), [], job_config_from_args(args), trainer="tokscale.evaluation.runner"
+        )
+        print(json.dumps([r.describe() for r in runs], indent=2))
+        return 0
+    if args.nproc > 1:
+        from tokscale.jobs.local import launch_local
+
+        return launch_local(args.nproc, ["-m", "tokscale.evaluation.runner", str(write_config(cfg))])
+    out = main(cfg)
+    print(json.dumps(out["result"], indent=2))
+    return 0
+
+
+def eval_recon(args: argparse.Namespace) -> int:
+    extra = [f"data.eval_shards={args.data}"]
+    if args.reference:
+        extra.append(f"eval.reference_stats={args.reference}")
+    if args.vgg_weights:
+        extra.append(f"eval.lpips_vgg_weights={args.vgg_weights}")
+    if args.no_lpips:
+        extra.append("eval.compute_lpips=false")
+    if args.no_fid:
+        extra.append("eval.compute_fid=false")
+    if args.force:
+        extra.append("eval.force=true")
+    return _dispatch(args, _job_config(args, "recon", extra))
+
+
+def eval_stats(args: argparse.Namespace) -> int:
+    extra = [f"data.eval_shards={args.data}", f"stats_out={args.stats_out}"]
+    return _dispatch(args, _job_config(args, "stats", extra))
+
+
+def eval_probe(args: argparse.Namespace) -> int:
+    extra = [f"data.eval_shards={args.eval_data}", f"probe_train_shards={args.train_data}"]
+    if args.epochs is not None:
+        extra.append(f"probe.epochs={args.epochs}")
+    if args.warmup_epochs is not None:
+        extra.append(f"probe.warmup_epochs={args.warmup_epochs}")
+    if args.method:
+        extra.append(f"probe_method={args.method}")
+    return _dispatch(args, _job_config(args, "probe", extra))
+
+
+def bench_eval(args: argparse.Namespace) -> int:
+    from tokscale.evaluation.bench import run_bench
+
+    print(json.dumps(run_bench(args.inception_weights, args.batch, args.resolution, args.steps, args.device)))
+    return 0
