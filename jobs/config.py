@@ -93,6 +93,6 @@ class JobConfig:
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(self, key):
                 params[key] = getattr(self, key)
-        if self.extra:
-            params["additional_parameters"] = dict(self.extra)
+        # Requeueable even where the cluster's JobRequeue=0 default would refuse `scontrol requeue`.
+        params["additional_parameters"] = {"requeue": True, **self.extra}
         return params

@@ -1,15 +1,16 @@
 """Leaving a training process without the interpreter teardown.
 
 Why: with ZeRO-3 over gloo, 10-20% of runs that finished correctly (final checkpoint written, process group
-destroyed) then abort at interpreter exit with "terminate called without an active exception" (SIGABRT). A C++
-thread owned by the communication stack is still joinable when the interpreter finalises and C++ static/global
-destructors run; std::thread's destructor calls std::terminate. Under Slurm the job then shows FAILED although
-the run is complete, and a retry would hide it rather than fix it.
+destroyed) were seen to abort at interpreter exit with "terminate called without an active exception"
+(SIGABRT). That message is std::terminate's when a std::thread object is destroyed while still joinable: a C++
+thread of the communication stack outlives its owner into interpreter finalisation and static destruction.
+Under Slurm the job then shows FAILED although the run is complete, and a retry would hide it, not fix it.
 
 What: every training entry point (Slurm jobs, ``launch_local`` workers, ``python -m ...train``) ends through
 :func:`finish`: once training has returned on every rank, a barrier makes sure no rank is still talking to the
 others, logs and std streams are flushed, and ``os._exit`` ends the process at once. Nothing useful happens in
-the teardown it skips: checkpoints and metrics are written and fsynced by the trainer before it returns.
+the teardown it skips: the trainer has written its checkpoints and metrics before it returns, and ``os._exit``
+only drops user-space buffers, which are flushed first.
 """
 
 from __future__ import annotations

@@ -53,10 +53,13 @@ def test_sbatch_options_and_submitit_parameters_carry_every_requested_resource()
     }
     params = job.submitit_parameters()
     assert params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["mem"] == "65536MB"
-    assert params["signal_delay_s"] == 120 and params["additional_parameters"] == {"exclusive": True}
+    assert params["signal_delay_s"] == 120 and params["additional_parameters"] == {
+        "requeue": True,
+        "exclusive": True,
+    }
     # submitit accepts them: it renders the sbatch file without complaint.
     from submitit.slurm.slurm import _make_sbatch_string
 
     text = _make_sbatch_string(command="true", folder="/tmp/x", **params)
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --signal=USR2@120" in text
-    assert "#SBATCH --exclusive" in text
+    assert "#SBATCH --exclusive" in text and "#SBATCH --requeue" in text
