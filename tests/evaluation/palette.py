@@ -66,3 +66,27 @@ def batches(images: torch.Tensor, batch_size: int, rank: int = 0, world_size: in
     for start in range(0, len(idx), batch_size):
         sel = idx[start : start + batch_size]
         yield images[sel], torch.zeros(len(sel), dtype=torch.long), [f"img{i:05d}" for i in sel]
+
+
+def write_tiny_export(out) -> None:
+    """A randomly initialised 32 px 2D tokenizer in the export format (model.safetensors + config.yaml)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from tokscale.tokenizers.model import TokenizerConfig, VQTokenizer
+    from tokscale.tokenizers.presets import get_preset
+
+    preset = get_preset("2d-tiny")
+    preset.update(image_size=32)
+    preset["encoder"]["depth"] = preset["decoder"]["depth"] = 1
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TokenizerConfig), preset))
+    torch.manual_seed(0)
+    model = VQTokenizer(cfg, with_projector=False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    OmegaConf.save(
+        OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(cfg))}), out / "config.yaml"
+    )

@@ -1,0 +1,105 @@
+"""`tokscale eval ...` end to end in a real process, on a tiny exported tokenizer and the embedded dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from palette import write_tiny_export
+
+from tokscale.evaluation.fid import StatsMeta, save_stats
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "2d-tiny-32"
+    write_tiny_export(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def tokscale(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_eval_recon_writes_metrics_json_tensorboard_and_a_grid(tiny_export, data_cache, tmp_path):
+    out = tmp_path / "recon"
+    r = tokscale(
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",
+        "--data", "embedded", "--no-fid", "--no-lpips", "--num-samples", "8", "--batch-size", "3",
+        "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert m["num_samples"] == 8 and m["codebook_size"] == 4096
+    assert 0 < m["codebook_usage"] <= 1 and m["ssim_dr2"] > m["ssim_dr1"]
+    assert report["protocol"]["resolution"] == 32 and report["protocol"]["crop"] == "adm_center"
+    assert (out / "grid.png").is_file() and any((out / "tb").iterdir())
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["eval/num_samples"] == 8
+
+
+def test_eval_recon_refuses_a_reference_made_at_another_resolution(
+    tiny_export, data_cache, tmp_path, inception_weights
+):
+    ref = save_stats(
+        tmp_path / "val256.npz", np.zeros(2048), np.eye(2048), StatsMeta(resolution=256, count=50000)
+    )
+    r = tokscale(
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",
+        "--data", "embedded", "--no-lpips", "--inception-weights", str(inception_weights),
+        "--reference", str(ref), "--num-samples", "2", "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "resolution=256" in r.stderr and "resolution=32" in r.stderr and "--force" in r.stderr
+
+
+def test_eval_recon_without_inception_weights_names_the_file_and_its_source(
+    tiny_export, data_cache, tmp_path
+):
+    missing = tmp_path / "pt_inception.pth"
+    r = tokscale(
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}",
+        "--data", "embedded", "--no-lpips", "--inception-weights", str(missing), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert str(missing) in r.stderr and "torch-fidelity" in r.stderr
+
+
+def test_eval_stats_writes_adm_format_statistics_with_the_protocol(data_cache, tmp_path, inception_weights):
+    out = tmp_path / "ref.npz"
+    r = tokscale(
+        "eval", "stats", str(out), f"data.cache_dir={data_cache}", "data.num_workers=0", "--data", "embedded",
+        "--inception-weights", str(inception_weights), "--resolution", "16", "--num-samples", "3",
+        "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with np.load(out) as npz:
+        assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048)
+        meta = json.loads(str(npz["tokscale_meta"]))
+    assert meta["count"] == 3 and meta["resolution"] == 16 and meta["crop"] == "adm_center"
+    assert "inception" in meta["feature_extractor"]
+
+
+def test_eval_probe_trains_on_the_train_split_and_reports_both_probes(tiny_export, data_cache, tmp_path):
+    r = tokscale(
+        "eval", "probe", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",
+        "probe.batch_size=128", "--train-data", "embedded", "--eval-data", "embedded", "--epochs", "2",
+        "--warmup-epochs", "1", "--out", str(tmp_path / "probe"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert report["num_classes"] == 10
+    assert report["linear_probe"]["num_train"] == 1000 and report["linear_probe"]["num_eval"] == 200
+    assert report["logistic_probe"]["top1"] > 10.0  # above chance on encoder features of 10 photo classes
