@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -117,3 +118,24 @@ def test_a_reference_made_at_another_resolution_stops_the_evaluation(tmp_path, i
 def test_an_empty_stream_is_an_error(palette_tokenizer):
     with pytest.raises(ValueError, match="no images"):
         evaluate_reconstruction(palette_tokenizer, [], EvalConfig(compute_fid=False), progress=False)
+
+
+def test_in_training_evaluation_logs_scalars_and_a_grid_and_reuses_the_subset_reference(
+    tmp_path, inception_weights
+):
+    from tokscale.data.stream import DataConfig
+    from tokscale.evaluation import evaluate_in_training
+    from tokscale.logger import MetricLogger
+
+    data = DataConfig(eval_shards="embedded", resolution=16, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    cfg = EvalConfig(inception_weights=str(inception_weights), compute_lpips=False, is_splits=2, batch_size=2)
+    evaluator = ReconEvaluator(cfg)
+    logger = MetricLogger(tmp_path / "run", enabled=True)
+    first = evaluate_in_training(evaluator, PaletteTokenizer(), data, 100, logger, 0, 1, num_samples=3)
+    assert len(evaluator.training_reference) == 1  # the subset's crop statistics, kept for the next call
+    second = evaluate_in_training(evaluator, PaletteTokenizer(), data, 200, logger, 0, 1, num_samples=3)
+    logger.close()
+    assert first["num_samples"] == 3 and second["rfid"] == pytest.approx(first["rfid"], rel=1e-9)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = json.loads(lines[0])
+    assert logged["step"] == 100 and {"eval/rfid", "eval/psnr", "eval/codebook_usage"} <= set(logged)
