@@ -103,3 +103,15 @@ def test_eval_probe_trains_on_the_train_split_and_reports_both_probes(tiny_expor
     assert report["num_classes"] == 10
     assert report["linear_probe"]["num_train"] == 1000 and report["linear_probe"]["num_eval"] == 200
     assert report["logistic_probe"]["top1"] > 10.0  # above chance on encoder features of 10 photo classes
+
+
+def test_the_eval_runner_has_the_interface_the_slurm_job_runs(tmp_path):
+    from tokscale.jobs.training_job import load_trainer
+
+    runner = load_trainer("tokscale.evaluation.runner")
+    cfg = runner.load_train_config(
+        None, ["task=stats", "data.eval_shards=embedded", f"stats_out={tmp_path}/r.npz"]
+    )
+    assert cfg.run_dir and cfg.task == "stats"
+    with pytest.raises(ValueError, match="stats_out"):
+        runner.load_train_config(None, ["task=stats", "data.eval_shards=embedded"])
