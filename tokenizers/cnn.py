@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -79,6 +80,14 @@ class AdaptiveGroupNorm(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
+def run_block(block: nn.Module, grad_checkpointing: bool, *args):
+    """Run a block, recomputing its activations in the backward pass when checkpointing (the full-resolution
+    levels of the CNN hold most of a tokenizer's activation memory at 256 px)."""
+    if grad_checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class Downsample(nn.Module):
     def __init__(self, c: int):
         super().__init__()
@@ -98,8 +107,9 @@ class DepthToSpaceUpsample(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    def __init__(self, cfg: CNNConfig, in_channels: int = 3):
+    def __init__(self, cfg: CNNConfig, in_channels: int = 3, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         g = cfg.num_groups
         chans = [cfg.channels * m for m in cfg.channel_mults]
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
@@ -117,13 +127,16 @@ class CNNEncoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.down(self.conv_in(x_BCHW)))
+        h = self.conv_in(x_BCHW)
+        for block in [*self.down, *self.mid]:
+            h = run_block(block, self.grad_checkpointing, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class CNNDecoder(nn.Module):
-    def __init__(self, cfg: CNNConfig, out_channels: int = 3):
+    def __init__(self, cfg: CNNConfig, out_channels: int = 3, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         g = cfg.num_groups
         chans = [cfg.channels * m for m in cfg.channel_mults][::-1]
         zc = cfg.z_channels
@@ -145,9 +158,9 @@ class CNNDecoder(nn.Module):
         cond = z_BCHW
         h = self.conv_in(z_BCHW)
         for block in self.mid:
-            h = block(h, cond)
+            h = run_block(block, self.grad_checkpointing, h, cond)
         for level in self.levels:
             for block in level["blocks"]:
-                h = block(h, cond)
+                h = run_block(block, self.grad_checkpointing, h, cond)
             h = level["up"](h)
         return self.conv_out(F.silu(self.norm_out(h, cond)))

@@ -83,7 +83,7 @@ class VQTokenizer(nn.Module):
         ew, dw = cfg.encoder.width, cfg.decoder.width
         one_d = cfg.kind == "1d"
 
-        self.cnn_encoder = CNNEncoder(cfg.cnn)
+        self.cnn_encoder = CNNEncoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
         self.enc_in = nn.Linear(zc, ew)
         self.enc_pos = nn.Parameter(torch.zeros(1, g * g, ew))
         if one_d:
@@ -101,7 +101,7 @@ class VQTokenizer(nn.Module):
         self.decoder = Stack(cfg.decoder, cross=one_d, grad_checkpointing=cfg.grad_checkpointing)
         self.dec_norm = nn.LayerNorm(dw)
         self.dec_out = nn.Linear(dw, zc)
-        self.cnn_decoder = CNNDecoder(cfg.cnn)
+        self.cnn_decoder = CNNDecoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
 
         self.semantic_projector = None
         if with_projector and cfg.semantic_dim > 0:

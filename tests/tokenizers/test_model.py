@@ -133,3 +133,18 @@ def test_preset_table_names():
     } <= set(PRESETS)
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         get_preset("2d-XXXL")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = VQTokenizer(config("1d-tiny", image_size=32, num_tokens=8))
+    ckpt = VQTokenizer(config("1d-tiny", image_size=32, num_tokens=8, grad_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for m in (plain, ckpt):
+        out = m(x, capture_layer=1)
+        (
+            out["recon"].pow(2).mean() + out["semantic"].mean() + out["loss_commit"] + out["loss_codebook"]
+        ).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
