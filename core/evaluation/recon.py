@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,27 @@ def split_batch(batch) -> tuple[torch.Tensor, list[str] | None]:
     images = batch[0]
     keys = batch[2] if len(batch) > 2 else None
     return images, keys
+
+
+def lockstep(batches: Iterable, device) -> Iterator:
+    """The batches, then ``None`` until every rank has run out; ends on all ranks together.
+
+    A ZeRO-3 module gathers its parameters with collectives inside forward, so every rank must make the same
+    number of forward passes even when the stream gives ranks different batch counts (uneven shares, loader
+    workers): an exhausted rank runs a dummy pass for each batch a peer still has. Costs one tiny all_reduce
+    per batch; without a process group it is the plain iterator."""
+    it = iter(batches)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    while True:
+        batch = next(it, None)
+        if distributed:
+            active = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(active)
+            if int(active.item()) == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
 
 
 @dataclass
@@ -109,7 +130,13 @@ class ReconEvaluator:
             bar = tqdm(
                 desc="eval recon", unit="img", total=len(batches) if hasattr(batches, "__len__") else None
             )
-        for batch in batches:
+        for batch in lockstep(batches, dev):
+            if batch is None:  # this rank is done, a peer is not: keep the module's collectives matched
+                size = resolution or tokenizer.image_size
+                tokenizer.decode(
+                    tokenizer.encode(torch.zeros(1, 3, size, size, device=dev, dtype=model_dtype))
+                )
+                continue
             images, _ = split_batch(batch)
             images = images.to(dev, non_blocking=True).float()
             if resolution is None:

@@ -57,6 +57,22 @@ def recon_mode(rank: int, world: int) -> dict:
     )
 
 
+def lockstep_mode(rank: int, world: int) -> dict:
+    """Rank 0 has three batches, rank 1 one: both must still make three encode passes (ZeRO-3 safety)."""
+    images = random_images(4, size=16, seed=6)
+    tok = PaletteTokenizer()
+    calls = []
+    encode = tok.encode
+    tok.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    mine = images[:3] if rank == 0 else images[3:]
+    batches = [(mine[i : i + 1], torch.zeros(1), [f"k{i}"]) for i in range(mine.shape[0])]
+    cfg = EvalConfig(compute_fid=False, compute_lpips=False)
+    metrics = evaluate_reconstruction(tok, batches, cfg, rank, world, progress=False)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, len(calls))
+    return {"metrics": metrics, "encode_calls": gathered}
+
+
 def blobs(n: int, seed: int, num_classes: int = 4, dim: int = 16):
     """Linearly separable Gaussian blobs: (features, labels)."""
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +101,9 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {"stats": stats_mode, "recon": recon_mode, "probe": probe_mode}[mode](rank, world)
+        result = {"stats": stats_mode, "recon": recon_mode, "probe": probe_mode, "lockstep": lockstep_mode}[
+            mode
+        ](rank, world)
         if rank == 0:
             torch.save(result, out)
     finally:

@@ -70,3 +70,9 @@ def test_reconstruction_metrics_over_two_processes_count_each_sample_once_and_eq
     assert merged["num_samples"] == single["num_samples"] == 10
     for key in ("psnr", "ssim_dr1", "ssim_dr2", "codebook_usage", "code_entropy"):
         assert merged[key] == pytest.approx(single[key], rel=1e-12), key
+
+
+def test_a_rank_with_fewer_batches_keeps_forward_passes_in_step_with_its_peers(tmp_path):
+    out = _run_two_ranks("lockstep", tmp_path / "out.pt")
+    assert out["encode_calls"] == [3, 3]  # rank 1 ran two dummy passes after its one batch
+    assert out["metrics"]["num_samples"] == 4  # the dummy passes count for nothing
