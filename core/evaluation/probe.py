@@ -117,17 +117,33 @@ class FeatureSet:
 
 @torch.no_grad()
 def extract_features(
-    features_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device, progress: bool = False
+    features_fn: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable,
+    device,
+    progress: bool = False,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> FeatureSet:
-    """Frozen features of everything a stream yields on this rank ((images, labels[, keys]) batches), on CPU."""
+    """Frozen features of everything a stream yields on this rank ((images, labels[, keys]) batches), on CPU.
+    Collective under torch.distributed: ranks make the same number of ``features_fn`` calls."""
     feats, labels = [], []
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(desc="probe features", unit="img")
-    for batch in batches:
+    from tokscale.evaluation.recon import lockstep
+
+    shape = tuple(image_shape) if image_shape else None
+    for batch in lockstep(batches, device):
+        if batch is None:  # peers still encode: match their forward passes (ZeRO-3 gathers inside forward)
+            if shape is None:
+                raise ValueError(
+                    "a rank with no probe images needs image_shape=(3, H, W) for its matching passes"
+                )
+            features_fn(torch.zeros(1, *shape, device=device))
+            continue
         images, y = batch[0], batch[1]
+        shape = shape or tuple(images.shape[1:])
         f = features_fn(images.to(device))
         feats.append(f.float().reshape(f.shape[0], -1).cpu())
         labels.append(y.long().cpu())

@@ -213,8 +213,9 @@ def run_probe(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
             train_shards = "::".join(resolve_shards("embedded", "train", cfg.data.cache_dir))
         train_stream = EvalStream(_stream_cfg(cfg, train_shards), rank, world)
         val_stream = EvalStream(_stream_cfg(cfg), rank, world, max_samples=cfg.eval.num_samples)
-        train = extract_features(fn, train_stream, device, progress=rank == 0)
-        val = extract_features(fn, val_stream, device, progress=rank == 0)
+        shape = (3, tok.image_size, tok.image_size)
+        train = extract_features(fn, train_stream, device, progress=rank == 0, image_shape=shape)
+        val = extract_features(fn, val_stream, device, progress=rank == 0, image_shape=shape)
     num_classes = cfg.num_classes
     if num_classes == 0:
         top = torch.tensor([int(train.labels.max()) if train.labels.numel() else 0], device=device)
