@@ -115,3 +115,16 @@ def test_the_eval_runner_has_the_interface_the_slurm_job_runs(tmp_path):
     assert cfg.run_dir and cfg.task == "stats"
     with pytest.raises(ValueError, match="stats_out"):
         runner.load_train_config(None, ["task=stats", "data.eval_shards=embedded"])
+
+
+def test_eval_recon_over_two_local_processes_counts_an_uneven_set_once(tiny_export, data_cache, tmp_path):
+    out = tmp_path / "recon2"
+    r = tokscale(
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",
+        "--data", "embedded", "--no-fid", "--no-lpips", "--num-samples", "5", "--batch-size", "2",
+        "--out", str(out), "--nproc", "2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["world_size"] == 2 and report["metrics"]["num_samples"] == 5
+    assert (out / "eval_config.yaml").is_file()
