@@ -81,7 +81,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     status = jobs_sub.add_parser(
         "status",
         help="step, last checkpoint and Slurm state of a run",
-        description="tokscale jobs status RUN_DIR: reads the run directory and asks squeue/sacct for the state.",
+        description="tokscale jobs status RUN_DIR: reads the run directory and asks squeue/sacct for the state. "
+        "Given the base directory of a sweep, reports every run of it.",
     )
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -124,8 +125,12 @@ def submit_tokenizer(args: argparse.Namespace) -> int:
 
 
 def jobs_status(args: argparse.Namespace) -> int:
-    from tokscale.jobs.status import format_status, run_status
+    from tokscale.jobs.status import format_status, run_status, sweep_runs
 
-    s = run_status(args.run_dir)
-    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    runs = sweep_runs(args.run_dir)  # a sweep's base directory: one report per run
+    statuses = [run_status(r) for r in runs] if runs else [run_status(args.run_dir)]
+    if args.json:
+        print(json.dumps(statuses if runs else statuses[0], indent=2))
+    else:
+        print("\n\n".join(format_status(s) for s in statuses))
     return 0

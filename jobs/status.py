@@ -103,6 +103,14 @@ def run_status(run_dir: str | Path) -> dict:
     }
 
 
+def sweep_runs(run_dir: str | Path) -> list[Path]:
+    """The run directories of a sweep submitted with RUN_DIR as its base (each has slurm/job.json)."""
+    base = Path(run_dir)
+    if (base / "slurm" / JOB_FILE).is_file() or not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if (p / "slurm" / JOB_FILE).is_file())
+
+
 def format_status(s: dict) -> str:
     total = f"/{s['max_steps']}" if s["max_steps"] else ""
     lines = [

@@ -111,7 +111,10 @@ def restart_count() -> int:
 
 def requeue(job_id: str) -> None:
     """``scontrol requeue``: Slurm stops this run and queues the same job id again (it waits ``cred_expire``)."""
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+    out = subprocess.run(["scontrol", "requeue", job_id], timeout=60, capture_output=True, text=True)
+    if out.returncode != 0:
+        # The checkpoint is saved: resubmitting the same command resumes from it.
+        raise RuntimeError(f"scontrol requeue {job_id} failed: {out.stderr.strip()}; the checkpoint is saved")
     log.info("requeued job %s", job_id)
 
 

@@ -97,6 +97,14 @@ def test_a_sweep_is_one_job_array_with_a_run_dir_per_item(slurm_cluster, tmp_pat
         assert result["step"] == steps and result["world_size"] == 1
         assert [m["step"] for m in slurm_cluster.metrics(r["run_dir"])] == list(range(1, steps + 1))
         assert json.loads((Path(r["run_dir"]) / "slurm" / "job.json").read_text())["job_id"] == r["job_id"]
+    for r in runs:
+        slurm_cluster.final_state(r["job_id"])
+    assert cli_main(["jobs", "status", str(tmp_path / "run"), "--json"]) == 0
+    statuses = json.loads(capsys.readouterr().out)
+    assert [(s["job_id"], s["step"], s["state"]) for s in statuses] == [
+        (runs[0]["job_id"], 2, "COMPLETED"),
+        (runs[1]["job_id"], 3, "COMPLETED"),
+    ]
 
 
 @pytest.mark.parametrize(
