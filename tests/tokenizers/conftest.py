@@ -1,10 +1,14 @@
 import io
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# tiny_run.py (shared by tests and multi-rank workers) imports as a plain module
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def write_image_shards(

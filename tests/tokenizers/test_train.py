@@ -1,55 +1,15 @@
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import StopAfter, losses, tiny_cfg
 
 from tokscale.checkpoint import complete_checkpoints, latest_checkpoint
 from tokscale.config import ConfigError
 from tokscale.tokenizers.export import export, publish, verify
 from tokscale.tokenizers.load import load_tokenizer, state_dict_from
-from tokscale.tokenizers.train import load_train_config, main
-
-
-def tiny_cfg(run_dir: Path, shards: str, *extra: str):
-    return load_train_config(
-        "tokenizer/demo",
-        [
-            f"run_dir={run_dir}",
-            f"data.train_shards={shards}",
-            f"data.eval_shards={shards}",
-            "model.image_size=32",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "data.shuffle_buffer=8",
-            "data.batches_per_epoch=4",
-            "train.max_steps=6",
-            "train.log_every=1",
-            "train.ckpt_every=2",
-            "train.image_every=3",
-            "train.keep_last=2",
-            "train.progress=false",
-            "optim.warmup_steps=2",
-            *extra,
-        ],
-    )
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss_total"] for r in rows}
-
-
-class StopAfter:
-    """should_stop() that turns True after n polls (the trainer polls once per step)."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return self.calls > self.n
+from tokscale.tokenizers.train import main
 
 
 @pytest.fixture(scope="module")
