@@ -2,12 +2,16 @@
 
 Why: with ZeRO-3 over gloo, 10-20% of runs that finished correctly (final checkpoint written, process group
 destroyed) were seen to abort at interpreter exit with "terminate called without an active exception"
-(SIGABRT). That message is std::terminate's when a std::thread object is destroyed while still joinable: a C++
-thread of the communication stack outlives its owner into interpreter finalisation and static destruction.
-Under Slurm the job then shows FAILED although the run is complete, and a retry would hide it, not fix it.
+(SIGABRT), and Slurm then shows the job FAILED although the run is complete. The likely mechanism, described
+upstream in pytorch/pytorch PR 179291 (abandoned, so not fixed in torch): gloo's C++ worker threads still hold
+finished AsyncWork objects whose tensors carry Python references; ZeRO-3's prefetching all-gathers and
+reduce-scatters are exactly such async work. When the interpreter finalises, a worker thread releasing them
+tries to take the GIL of a dying interpreter and the process aborts. The race depends on thread timing, so a
+retry would only hide it. (On this 2-core CPU machine it did not reproduce in 47 runs of the tiny trainer and
+of a minimal ZeRO-3 script, so the mechanism is inferred, not observed here.)
 
-What: every training entry point (Slurm jobs, ``launch_local`` workers, ``python -m ...train``) ends through
-:func:`finish`: once training has returned on every rank, a barrier makes sure no rank is still talking to the
+What: the training entry points of tokscale.jobs (Slurm tasks, ``launch_local`` workers) end through
+:func:`finish`, and other entry points (``python -m tokscale.tokenizers.train`` under torchrun) should too: once training has returned on every rank, a barrier makes sure no rank is still talking to the
 others, logs and std streams are flushed, and ``os._exit`` ends the process at once. Nothing useful happens in
 the teardown it skips: the trainer has written its checkpoints and metrics before it returns, and ``os._exit``
 only drops user-space buffers, which are flushed first.
