@@ -128,11 +128,12 @@ def train_tokenizer(args: argparse.Namespace) -> int:
         from tokscale.jobs.local import launch_local
 
         return launch_local(args.nproc, ["-m", "tokscale.tokenizers.train", args.config, *args.overrides])
+    from tokscale.jobs.shutdown import finish
     from tokscale.tokenizers.train import main
 
     result = main(cfg)
     print(json.dumps(result))
-    return 0
+    finish(0)  # see jobs/README.md: skip the teardown that can abort after a ZeRO-3/gloo run
 
 
 def run_demo(args: argparse.Namespace) -> int:

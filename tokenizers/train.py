@@ -471,4 +471,7 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    from tokscale.jobs.shutdown import finish
+
+    # finish(): barrier, flush, os._exit, skipping the interpreter teardown that races gloo's threads (jobs/README)
+    finish(cli_main())
