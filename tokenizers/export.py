@@ -41,13 +41,15 @@ def _run_info(run_dir: Path) -> dict:
 
 
 def _eval_metrics(run_dir: Path) -> dict:
-    """The newest evaluation metrics JSON in the run dir (eval/*.json), if any."""
+    """The newest ``tokscale eval recon`` result under the run dir (eval/**/metrics.json), if any."""
+    eval_dir = run_dir / "eval"
     files = (
-        sorted((run_dir / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime)
-        if (run_dir / "eval").is_dir()
-        else []
+        sorted(eval_dir.rglob("metrics.json"), key=lambda p: p.stat().st_mtime) if eval_dir.is_dir() else []
     )
-    return json.loads(files[-1].read_text()) if files else {}
+    if not files:
+        return {}
+    result = json.loads(files[-1].read_text())
+    return result.get("metrics", result)
 
 
 def model_card(cfg, training: dict, metrics: dict, params: int) -> str:

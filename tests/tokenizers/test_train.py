@@ -141,3 +141,13 @@ def test_in_training_evaluation_logs_psnr_and_codebook_usage(tmp_path, image_sha
     evals = [r for r in rows if "eval/psnr" in r]
     assert [r["step"] for r in evals] == [2]
     assert 0 < evals[0]["eval/psnr"] < 100 and 0 < evals[0]["eval/codebook_usage"] <= 1
+
+
+def test_export_carries_the_newest_evaluation_metrics_into_metrics_json_and_the_card(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir)
+    (run_dir / "eval" / "recon").mkdir(parents=True)
+    (run_dir / "eval" / "recon" / "metrics.json").write_text(json.dumps({"metrics": {"rfid": 1.2345, "psnr": 21.5}}))
+    out = export(run_dir, tmp_path / "export")
+    assert json.loads((out / "metrics.json").read_text()) == {"rfid": 1.2345, "psnr": 21.5}
+    assert "| rfid | 1.234 |" in (out / "README.md").read_text()
