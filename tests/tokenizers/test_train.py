@@ -151,3 +151,13 @@ def test_export_carries_the_newest_evaluation_metrics_into_metrics_json_and_the_
     out = export(run_dir, tmp_path / "export")
     assert json.loads((out / "metrics.json").read_text()) == {"rfid": 1.2345, "psnr": 21.5}
     assert "| rfid | 1.234 |" in (out / "README.md").read_text()
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_logged_step(tmp_path, image_shards):
+    run_dir = tmp_path / "accum"
+    assert main(tiny_cfg(run_dir, image_shards, "train.grad_accum=2", "train.max_steps=3"))["step"] == 3
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in rows if "train/lr" in r]
+    # 2 warmup steps then cosine to min_lr at step 3; per micro-batch it would reach min_lr at step 2
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4])
+    assert rows[-1]["step"] == 3
