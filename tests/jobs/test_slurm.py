@@ -151,3 +151,19 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_job_without_requeueing(slurm_cl
     assert not list(Path(run.stdout).parent.glob("*_result.pkl"))
     restarts = subprocess.run(["scontrol", "show", "job", run.job_id], capture_output=True, text=True).stdout
     assert "Restarts=0" in restarts
+
+
+def test_the_time_limit_signal_saves_a_checkpoint_and_max_requeues_ends_the_job(slurm_cluster, tmp_path):
+    # A 1-minute job asking for USR2 45 s before its limit: Slurm signals it 15-45 s in (its time-limit timer
+    # runs every ~30 s). With max_requeues=0 the job saves, does not requeue, and returns "stopped".
+    (run,) = submit(
+        toy_config(tmp_path, max_steps=1000, step_s=0.1),
+        [],
+        JobConfig(nodes=2, time_min=1, signal_delay_s=45, max_requeues=0),
+        trainer=slurm_cluster.toy_trainer,
+    )
+    results = slurm_cluster.wait_for(run.job, timeout_s=120)
+    assert all(r["status"] == "stopped" and r["restart"] == 0 for r in results)
+    step = results[0]["step"]
+    assert 0 < step < 1000 and run_status(run.run_dir)["checkpoint_step"] == step
+    assert slurm_cluster.final_state(run.job_id) == "COMPLETED"
