@@ -60,8 +60,9 @@ def barrier_if_distributed() -> None:
 def finish(code: int = 0) -> NoReturn:
     """End a training process after a successful run: barrier across ranks, flush, ``os._exit(code)``.
 
-    Call it only when training returned normally on this rank: on an error path a barrier would wait for ranks
-    that may be gone; let the exception propagate (or call :func:`exit_process` with a non-zero code) instead.
+    Meant for a rank whose training returned normally. With a non-zero ``code`` there is no barrier (the other
+    ranks may be gone); an exception is better left to propagate, so that its traceback is printed.
     """
-    barrier_if_distributed()
+    if code == 0:
+        barrier_if_distributed()
     exit_process(code)
