@@ -160,7 +160,13 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         from tokscale.jobs.local import launch_local
 
         return launch_local(args.nproc, ["-m", "tokscale.evaluation.runner", str(write_config(cfg))])
-    out = main(cfg)
+    import torch.distributed as dist
+
+    try:
+        out = main(cfg)
+    finally:
+        if dist.is_initialized():  # the world of one main() set up
+            dist.destroy_process_group()
     print(json.dumps(out["result"], indent=2))
     return 0
 
