@@ -98,6 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--epochs", type=int, default=None, help="LARS probe epochs (default 90)")
     probe.add_argument("--warmup-epochs", type=int, default=None, help="warmup epochs (default 10)")
     probe.add_argument("--method", choices=("lars", "logistic", "both"), default=None, help="default both")
+    probe.add_argument("--save-features", action="store_true", help="also write OUT/features.pt for reuse")
     _common(probe, tokenizer=True)
     probe.set_defaults(func=eval_probe)
 
@@ -199,6 +200,8 @@ def eval_probe(args: argparse.Namespace) -> int:
         extra.append(f"probe.warmup_epochs={args.warmup_epochs}")
     if args.method:
         extra.append(f"probe_method={args.method}")
+    if args.save_features:
+        extra.append("save_features=true")
     return _dispatch(args, _job_config(args, "probe", extra))
 
 

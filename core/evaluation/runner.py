@@ -40,6 +40,7 @@ class EvalJobConfig:
     probe_train_shards: str = ""  # task=probe: the probe's training images (data.eval_shards: its test set)
     probe_method: str = "both"  # lars (the MAE protocol) | logistic (quick) | both
     num_classes: int = 0  # 0: the largest label seen + 1
+    save_features: bool = False  # task=probe: also write run_dir/features.pt (all ranks' features, for reuse)
     data: DataConfig = field(default_factory=lambda: DataConfig(crop="adm_center", hflip=False))
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -223,6 +224,19 @@ def run_probe(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
             torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
         num_classes = int(top.item()) + 1
     results: dict = {"num_classes": num_classes, "features": getattr(fn, "__name__", "features")}
+    if (
+        cfg.save_features
+    ):  # FeatureSets as plain tensors: logistic_probe(FeatureSet(...), ...) reruns in seconds
+        all_train, all_val = gather_features(train), gather_features(val)
+        if rank == 0:
+            path = Path(cfg.run_dir) / "features.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"train_features": all_train.features, "train_labels": all_train.labels,
+                 "eval_features": all_val.features, "eval_labels": all_val.labels, "num_classes": num_classes},
+                path,
+            )  # fmt: skip
+            log.info("probe features written to %s", path)
     if cfg.probe_method in ("lars", "both"):
         results["linear_probe"] = train_probe_on_features(
             train, val, num_classes, cfg.probe, device, progress=True

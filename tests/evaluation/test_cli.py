@@ -96,13 +96,17 @@ def test_eval_probe_trains_on_the_train_split_and_reports_both_probes(tiny_expor
     r = tokscale(
         "eval", "probe", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",
         "probe.batch_size=128", "--train-data", "embedded", "--eval-data", "embedded", "--epochs", "2",
-        "--warmup-epochs", "1", "--out", str(tmp_path / "probe"),
+        "--warmup-epochs", "1", "--save-features", "--out", str(tmp_path / "probe"),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert report["num_classes"] == 10
     assert report["linear_probe"]["num_train"] == 1000 and report["linear_probe"]["num_eval"] == 200
     assert report["logistic_probe"]["top1"] > 10.0  # above chance on encoder features of 10 photo classes
+    import torch
+
+    cached = torch.load(tmp_path / "probe" / "features.pt")
+    assert cached["train_features"].shape == (1000, 256) and cached["eval_labels"].shape == (200,)
 
 
 def test_the_eval_runner_has_the_interface_the_slurm_job_runs(tmp_path):
