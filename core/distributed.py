@@ -39,7 +39,9 @@ def init_distributed() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # A cluster that binds one GPU per task shows each rank a single device: use it whatever LOCAL_RANK says.
+    gpu = local_rank if use_cuda and torch.cuda.device_count() > 1 else 0
+    device = torch.device("cuda", gpu) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
