@@ -92,6 +92,7 @@ def test_eval_stats_writes_adm_format_statistics_with_the_protocol(data_cache, t
     assert "inception" in meta["feature_extractor"]
 
 
+@pytest.mark.slow  # 1,200 images through the tokenizer, then two probes
 def test_eval_probe_trains_on_the_train_split_and_reports_both_probes(tiny_export, data_cache, tmp_path):
     r = tokscale(
         "eval", "probe", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0",

@@ -120,6 +120,7 @@ def test_an_empty_stream_is_an_error(palette_tokenizer):
         evaluate_reconstruction(palette_tokenizer, [], EvalConfig(compute_fid=False), progress=False)
 
 
+@pytest.mark.slow  # two evaluations with Inception passes and 2048-d eigendecompositions
 def test_in_training_evaluation_logs_scalars_and_a_grid_and_reuses_the_subset_reference(
     tmp_path, inception_weights
 ):
