@@ -147,7 +147,9 @@ def test_export_carries_the_newest_evaluation_metrics_into_metrics_json_and_the_
     run_dir = tmp_path / "run"
     shutil.copytree(full_run, run_dir)
     (run_dir / "eval" / "recon").mkdir(parents=True)
-    (run_dir / "eval" / "recon" / "metrics.json").write_text(json.dumps({"metrics": {"rfid": 1.2345, "psnr": 21.5}}))
+    (run_dir / "eval" / "recon" / "metrics.json").write_text(
+        json.dumps({"metrics": {"rfid": 1.2345, "psnr": 21.5}})
+    )
     out = export(run_dir, tmp_path / "export")
     assert json.loads((out / "metrics.json").read_text()) == {"rfid": 1.2345, "psnr": 21.5}
     assert "| rfid | 1.234 |" in (out / "README.md").read_text()
