@@ -13,7 +13,7 @@ Teacher weights are read from ``teacher_weights``, a local file; nothing is down
 * timm's release, the ``model.safetensors`` of the Hugging Face repository
   ``timm/vit_base_patch14_dinov2.lvd142m``, fetched once on a machine with internet access::
 
-      python -c "from huggingface_hub import hf_hub_download; print(hf_hub_download('timm/vit_base_patch14_dinov2.lvd142m', 'model.safetensors'))"
+      huggingface-cli download timm/vit_base_patch14_dinov2.lvd142m model.safetensors --local-dir weights/dinov2
 
   (or any ``torch.save(model.state_dict(), ...)`` of that timm model);
 * Meta's original ``dinov2_vitb14_pretrain.pth`` (https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/),
