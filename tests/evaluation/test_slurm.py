@@ -1,14 +1,12 @@
 """`tokscale eval recon --submit` as a real two-node Slurm job (the local cluster of jobs/local_cluster.sh).
 
-Runs when a cluster is up (SLURM_CONF, or /tmp/tokscale-slurm/slurm.conf, answering sinfo); tests/jobs starts
-one as root for its own Slurm tests. Skipped otherwise, failed under CI=true.
+Uses the session's cluster (tests/conftest.py: started as root; skipped otherwise, failed under CI=true).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,18 +19,8 @@ pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture
-def slurm_env():
-    conf = os.environ.get("SLURM_CONF") or "/tmp/tokscale-slurm/slurm.conf"
-    env = {**os.environ, "SLURM_CONF": conf}
-    ok = shutil.which("sinfo") and Path(conf).is_file()
-    if ok:
-        ok = subprocess.run(["sinfo"], env=env, capture_output=True, timeout=30).returncode == 0
-    if not ok:
-        msg = "no running Slurm cluster: start one with `sudo jobs/local_cluster.sh start`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return env
+def slurm_env(slurm_cluster):
+    return {**os.environ, "SLURM_CONF": slurm_cluster.conf}
 
 
 def test_a_two_node_slurm_evaluation_counts_each_sample_once(slurm_env, tmp_path):

@@ -1,4 +1,4 @@
-"""Through submitit on a real two-node Slurm cluster (tests/jobs/conftest.py starts it; root needed).
+"""Through submitit on a real two-node Slurm cluster (tests/conftest.py starts it; root needed).
 
 The toy trainer (tests/jobs/toy_trainer.py) has the tokenizer trainer's interface and all-reduces over gloo every
 step, so these tests check the Slurm mechanics in seconds: rendezvous across nodes, job arrays, status, refusal
