@@ -87,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tokscale: error: {err}", file=sys.stderr)
         return 2
-    return int(rc or 0)
+    rc = int(rc or 0)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from tokscale.jobs.shutdown import finish
+
+        # A command that brought up a process group (train, demo, eval) leaves without interpreter teardown,
+        # which gloo's threads can abort with SIGABRT after a finished run (jobs/README.md).
+        finish(rc)
+    return rc
 
 
 if __name__ == "__main__":

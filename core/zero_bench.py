@@ -96,8 +96,9 @@ def _worker(rank: int, world_size: int, port: int, stage: int, preset: str, imag
     engine.step()
     state_bytes = max(after_backward, live_tensor_bytes() - base)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"bytes": state_bytes, "params": psi}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from tokscale.jobs.shutdown import finish
+
+    finish(0)  # barrier, then os._exit: gloo's threads can abort interpreter teardown (jobs/README.md)
 
 
 def measure(stage: int, preset: str, world_size: int, image_size: int) -> dict:

@@ -146,3 +146,23 @@ class Cluster:
     def metrics(self, run_dir: Path) -> list[dict]:
         path = Path(run_dir) / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config):
+    """In-process trainer tests leave a gloo process group in this process; its threads can abort interpreter
+    teardown (SIGABRT) after every test passed. Leave the way tokscale's entry points do (jobs.shutdown), with
+    pytest's own exit status, after pytest printed its summary."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if _EXIT_STATUS and dist is not None and dist.is_available() and dist.is_initialized():
+        from tokscale.jobs.shutdown import exit_process
+
+        exit_process(_EXIT_STATUS[-1])

@@ -128,12 +128,10 @@ def train_tokenizer(args: argparse.Namespace) -> int:
         from tokscale.jobs.local import launch_local
 
         return launch_local(args.nproc, ["-m", "tokscale.tokenizers.train", args.config, *args.overrides])
-    from tokscale.jobs.shutdown import finish
     from tokscale.tokenizers.train import main
 
-    result = main(cfg)
-    print(json.dumps(result))
-    finish(0)  # see jobs/README.md: skip the teardown that can abort after a ZeRO-3/gloo run
+    print(json.dumps(main(cfg)))
+    return 0  # tokscale.cli.main ends the process through jobs.shutdown.finish
 
 
 def run_demo(args: argparse.Namespace) -> int:

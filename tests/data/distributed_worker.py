@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tokscale.data.stream import DataConfig, EvalStream, TrainStream
+from tokscale.jobs.shutdown import finish
 
 
 def main() -> None:
@@ -50,19 +51,21 @@ def main() -> None:
             break
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, eval_keys)
-    dist.barrier()
-    dist.destroy_process_group()
-    json.dump(
-        {
-            "eval_keys": eval_keys,
-            "eval_len": len(eval_stream),
-            "all_eval_keys": gathered,
-            "train_steps": steps,
-            "train_labels": train_labels,
-            "state": stream.state_dict(),
-        },
-        open(out, "w"),
-    )
+    with open(out, "w") as f:
+        json.dump(
+            {
+                "eval_keys": eval_keys,
+                "eval_len": len(eval_stream),
+                "all_eval_keys": gathered,
+                "train_steps": steps,
+                "train_labels": train_labels,
+                "state": stream.state_dict(),
+            },
+            f,
+        )
+    # gloo's threads can abort interpreter teardown (SIGABRT) even after destroy_process_group: leave as every
+    # tokscale entry point does (tokscale.jobs.shutdown)
+    finish(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tokscale.jobs.shutdown import finish
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from palette import PaletteTokenizer, batches, random_images  # noqa: E402
@@ -100,14 +102,14 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = {"stats": stats_mode, "recon": recon_mode, "probe": probe_mode, "lockstep": lockstep_mode}[
-            mode
-        ](rank, world)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
+    result = {"stats": stats_mode, "recon": recon_mode, "probe": probe_mode, "lockstep": lockstep_mode}[mode](
+        rank, world
+    )
+    if rank == 0:
+        torch.save(result, out)
+    # gloo's threads can abort interpreter teardown (SIGABRT) even after destroy_process_group: leave as every
+    # tokscale entry point does (tokscale.jobs.shutdown)
+    finish(0)
 
 
 if __name__ == "__main__":
