@@ -7,11 +7,13 @@ upstream in pytorch/pytorch PR 179291 (abandoned, so not fixed in torch): gloo's
 finished AsyncWork objects whose tensors carry Python references; ZeRO-3's prefetching all-gathers and
 reduce-scatters are exactly such async work. When the interpreter finalises, a worker thread releasing them
 tries to take the GIL of a dying interpreter and the process aborts. The race depends on thread timing, so a
-retry would only hide it. (On this 2-core CPU machine it did not reproduce in 47 runs of the tiny trainer and
-of a minimal ZeRO-3 script, so the mechanism is inferred, not observed here.)
+retry would only hide it. It is not specific to ZeRO-3: in CI a plain two-process gloo worker (all_gather_object,
+then destroy_process_group) aborted the same way once in a few hundred process exits.
 
-What: the training entry points of tokscale.jobs (Slurm tasks, ``launch_local`` workers) end through
-:func:`finish`, and other entry points (``python -m tokscale.tokenizers.train`` under torchrun) should too: once training has returned on every rank, a barrier makes sure no rank is still talking to the
+What: every process that brought up a process group ends through :func:`finish`: Slurm tasks, ``launch_local``
+workers, ``python -m tokscale.tokenizers.train`` under torchrun, every ``tokscale`` command (tokscale.cli.main),
+``bench zero`` workers, the tests' worker scripts and the pytest process itself (tests/conftest.py). Once training
+has returned on every rank, a barrier makes sure no rank is still talking to the
 others, logs and std streams are flushed, and ``os._exit`` ends the process at once. Nothing useful happens in
 the teardown it skips: the trainer has written its checkpoints and metrics before it returns, and ``os._exit``
 only drops user-space buffers, which are flushed first.
