@@ -141,7 +141,10 @@ def load_config(
                 raise ConfigError(f"config key {preset_key!r}: {err}") from None
             parent = preset_key.rpartition(".")[0]
             nested = OmegaConf.create()
-            OmegaConf.update(nested, parent, preset, force_add=True) if parent else nested.merge_with(preset)
+            if parent:
+                OmegaConf.update(nested, parent, preset, force_add=True)
+            else:
+                nested.merge_with(preset)
             cfg = _merge(cfg, nested, f"preset {name!r}")
     cfg = _merge(cfg, yaml_cfg, src)
     cfg = _merge(cfg, cli_cfg, "command line")
