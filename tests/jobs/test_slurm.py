@@ -155,7 +155,8 @@ def test_sigterm_saves_a_checkpoint_and_ends_the_job_without_requeueing(slurm_cl
 
 def test_the_time_limit_signal_saves_a_checkpoint_and_max_requeues_ends_the_job(slurm_cluster, tmp_path):
     # A 1-minute job asking for USR2 45 s before its limit: Slurm signals it 15-45 s in (its time-limit timer
-    # runs every ~30 s). With max_requeues=0 the job saves, does not requeue, and returns "stopped".
+    # runs every ~30 s). With max_requeues=0 the job saves, does not requeue, and returns "stopped". On a loaded
+    # machine the two tasks may still be starting when the signal comes: then it stops and saves at step 0.
     (run,) = submit(
         toy_config(tmp_path, max_steps=1000, step_s=0.1),
         [],
@@ -165,5 +166,5 @@ def test_the_time_limit_signal_saves_a_checkpoint_and_max_requeues_ends_the_job(
     results = slurm_cluster.wait_for(run.job, timeout_s=120)
     assert all(r["status"] == "stopped" and r["restart"] == 0 for r in results)
     step = results[0]["step"]
-    assert 0 < step < 1000 and run_status(run.run_dir)["checkpoint_step"] == step
+    assert 0 <= step < 1000 and run_status(run.run_dir)["checkpoint_step"] == step
     assert slurm_cluster.final_state(run.job_id) == "COMPLETED"

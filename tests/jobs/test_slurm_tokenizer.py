@@ -84,9 +84,9 @@ def test_a_preempted_training_job_saves_requeues_and_finishes_from_its_checkpoin
         capsys,
         f"run_dir={run_dir}",
         *TINY,
-        "train.max_steps=10",
+        "train.max_steps=20",
         "train.ckpt_every=100",
-        "train.zero_stage=2",
+        "train.zero_stage=3",
         "--nodes",
         "2",
         *RESOURCES,
@@ -99,14 +99,14 @@ def test_a_preempted_training_job_saves_requeues_and_finishes_from_its_checkpoin
     # What Slurm sends signal_delay_s before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR2", run["job_id"]], check=True)
     results = slurm_cluster.wait_for(job, timeout_s=300)
-    assert results == [{"status": "done", "step": 10, "run_dir": str(run_dir)}] * 2
+    assert results == [{"status": "done", "step": 20, "run_dir": str(run_dir)}] * 2
     ckpts = sorted(p.name for p in (run_dir / "ckpt").glob("step_*"))
-    assert len(ckpts) == 2 and ckpts[-1] == "step_00000010", (
+    assert len(ckpts) == 2 and ckpts[-1] == "step_00000020", (
         ckpts
     )  # the signal's checkpoint and the final one
     stopped_at = int(ckpts[0][5:])
-    assert 2 <= stopped_at < 10
-    assert steps_logged(run_dir) == list(range(1, 11)), "the requeued run went on from the checkpoint"
+    assert 2 <= stopped_at < 20
+    assert steps_logged(run_dir) == list(range(1, 21)), "the requeued run went on from the checkpoint"
     assert "JOB REQUEUE" in Path(run["stderr"]).read_text()
     assert f"resumed from {run_dir / 'ckpt' / ckpts[0]}" in Path(run["stderr"]).read_text()
     # ZeRO-3 over gloo may abort in interpreter teardown; the job leaves through finish() and stays COMPLETED.
