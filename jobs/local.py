@@ -15,7 +15,6 @@ import os
 import queue
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from tokscale.distributed import free_port
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
