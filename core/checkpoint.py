@@ -3,8 +3,9 @@
 Layout: ``run_dir/ckpt/step_XXXXXXXX/`` holding
 
 - ``engine/``: the DeepSpeed engine's own checkpoint (model, optimizer and scheduler, ZeRO shards);
-- ``rank_XXXXX.pt``: that rank's RNG states and data-stream position;
-- ``trainer.pt``: rank-0 extras (step, discriminator and its optimizer, config);
+- ``rank_XXXXX.pt``: that rank's RNG states, data-stream position and the task's per-rank state;
+- ``trainer.pt``: rank-0 extras (step, the task's side states by name, e.g. a discriminator and its optimizer,
+  and the config);
 - ``COMPLETE``: written last, a JSON line with the step and world size.
 
 A checkpoint is written under ``.tmp_step_XXXXXXXX`` and renamed only after every rank finished and COMPLETE
@@ -188,6 +189,21 @@ def load_checkpoint(
             "data": torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=False)["data"]
         }
     return trainer_state, rank_state
+
+
+def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights from one checkpoint directory, whatever the ZeRO stage and world size it was saved at."""
+    engine_dir = Path(ckpt_dir) / "engine"
+    if any(engine_dir.glob("*optim_states.pt")) and any(engine_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="engine")
+    else:  # plain data parallel (stage 0): the module states hold the weights
+        files = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{engine_dir}: no DeepSpeed model states found")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,8 +8,10 @@
     tokscale data shards SRC OUT
     tokscale bench tokenizer 2d-tiny
 
-Each area registers its own subcommands (``add_commands(subparsers)`` in its ``cli`` module) so that this file
-stays a table; heavy imports (torch, deepspeed) happen inside the command functions, never at parser build time.
+Each area registers its own subcommands (``add_commands(subparsers)`` / ``add_bench_commands(bench_sub)`` in a
+module named in the ``tokscale.commands`` entry-point group of pyproject.toml), so this file, in the base package,
+imports no trainer and no launcher; heavy imports (torch, deepspeed) happen inside the command functions, never at
+parser build time.
 """
 
 from __future__ import annotations
@@ -20,24 +22,9 @@ import logging
 import sys
 
 from tokscale.config import ConfigError
+from tokscale.registry import command_modules
 
-# Modules that add top-level command groups: (module, attribute).
-COMMAND_MODULES = [
-    "tokscale.commands",
-    "tokscale.tokenizers.cli",
-    "tokscale.data.cli",
-    "tokscale.jobs.cli",
-    "tokscale.evaluation.cli",
-]
-
-# Modules that add `tokscale bench <name>` subcommands.
-BENCH_MODULES = [
-    "tokscale.commands",
-    "tokscale.tokenizers.cli",
-    "tokscale.data.cli",
-    "tokscale.jobs.cli",
-    "tokscale.evaluation.cli",
-]
+BASE_COMMANDS = "tokscale.commands"  # config show, bench eval
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,24 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    for name in COMMAND_MODULES:
-        mod = _import_optional(name)
-        if mod is not None and hasattr(mod, "add_commands"):
+    modules = [importlib.import_module(name) for name in [BASE_COMMANDS, *command_modules()]]
+    for mod in modules:
+        if hasattr(mod, "add_commands"):
             mod.add_commands(sub)
-    for name in BENCH_MODULES:
-        mod = _import_optional(name)
-        if mod is not None and hasattr(mod, "add_bench_commands"):
+    for mod in modules:
+        if hasattr(mod, "add_bench_commands"):
             mod.add_bench_commands(bench_sub)
     return parser
-
-
-def _import_optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == name:  # the area has no CLI yet
-            return None
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = int(rc or 0)
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        from tokscale.jobs.shutdown import finish
+        from tokscale.shutdown import finish
 
         # A command that brought up a process group (train, demo, eval) leaves without interpreter teardown,
-        # which gloo's threads can abort with SIGABRT after a finished run (jobs/README.md).
+        # which gloo's threads can abort with SIGABRT after a finished run (tokscale.shutdown).
         finish(rc)
     return rc
 

@@ -1,4 +1,5 @@
-"""Generic commands: ``tokscale config show``."""
+"""Commands of the base package: ``tokscale config show`` (any registered trainer's config) and
+``tokscale bench eval`` (Inception throughput, Fréchet distance cost)."""
 
 from __future__ import annotations
 
@@ -13,40 +14,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="print the resolved YAML of a config and exit",
         description="Merge schema -> preset -> YAML -> overrides and print the result. A bad key exits 2.",
     )
-    show.add_argument("config", help="YAML path or name under conf/ (e.g. tokenizer/demo)")
+    show.add_argument(
+        "config", help="YAML path, name under conf/ (e.g. tokenizer/demo) or a run's config.yaml"
+    )
     show.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.decoder.depth=12")
     show.add_argument("--schema", default=None, help="schema name when it cannot be inferred from the path")
     show.set_defaults(func=config_show)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
-    z = bench_sub.add_parser(
-        "zero",
-        help="measured per-rank model-state memory at ZeRO stages 0-3 next to the paper's prediction (JSON)",
-        description="tokscale bench zero [--preset 2d-tiny] [--world-size 2] [--stages 0 1 2 3]",
+    b = bench_sub.add_parser(
+        "eval",
+        help="Inception feature-extraction images/s and seconds per 2048-d Fréchet distance (JSON)",
+        description="tokscale bench eval [--inception-weights PTH] [--batch 50] [--resolution 256] [--device auto]",
     )
-    z.add_argument("--preset", default="2d-tiny")
-    z.add_argument("--world-size", type=int, default=2)
-    z.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    z.add_argument("--image-size", type=int, default=32, help="input size of the one measured step")
-    z.set_defaults(func=bench_zero)
+    b.add_argument("--inception-weights", default=None, help="default: random weights written to a temp file")
+    b.add_argument("--batch", type=int, default=50)
+    b.add_argument("--resolution", type=int, default=256)
+    b.add_argument("--steps", type=int, default=5, help="timed batches after one warmup batch")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.set_defaults(func=bench_eval)
 
 
-def bench_zero(args: argparse.Namespace) -> int:
+def bench_eval(args: argparse.Namespace) -> int:
     import json
 
-    from tokscale.zero_bench import bench_zero as run
+    from tokscale.evaluation.bench import run_bench
 
-    print(json.dumps(run(args.preset, args.world_size, args.stages, args.image_size)))
+    print(json.dumps(run_bench(args.inception_weights, args.batch, args.resolution, args.steps, args.device)))
     return 0
 
 
 def config_show(args: argparse.Namespace) -> int:
-    from tokscale.config import infer_schema_name, load_config, resolve_config_path, schema_for, to_yaml
+    from tokscale.config import infer_schema_name, resolve_config_path, schema_task, to_yaml
 
     path = resolve_config_path(args.config)
     name = args.schema or infer_schema_name(path)
-    schema = schema_for(name)
-    cfg = load_config(schema, path, args.overrides, presets=getattr(schema, "presets", None))
+    cfg = schema_task(name).load_config(path, args.overrides)
     print(to_yaml(cfg), end="")
     return 0

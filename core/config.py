@@ -15,7 +15,6 @@ wrong type raises :class:`ConfigError` naming the key and the file, before any w
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,11 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
-
-# Schemas by name: `tokscale config show` and the YAML files in conf/<name>/ use these.
-SCHEMAS: dict[str, str] = {
-    "tokenizer": "tokscale.tokenizers.train:TrainConfig",
-}
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -61,23 +55,32 @@ def resolve_config_path(name: str | Path) -> Path:
     )
 
 
-def schema_for(name: str) -> type:
-    if name not in SCHEMAS:
-        raise ConfigError(f"unknown config schema {name!r}; expected one of {sorted(SCHEMAS)}")
-    module, _, attr = SCHEMAS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+def schema_names() -> list[str]:
+    """Config schemas by name: one per registered trainer (tokscale.registry), its conf/<name>/ folder."""
+    from tokscale.registry import trainer_specs
+
+    return sorted(trainer_specs())
+
+
+def schema_task(name: str):
+    """The Task class whose config schema is called ``name``."""
+    from tokscale.registry import trainer
+
+    if name not in schema_names():
+        raise ConfigError(f"unknown config schema {name!r}; expected one of {schema_names()}")
+    return trainer(name)
 
 
 def infer_schema_name(path: Path) -> str:
-    """conf/<schema>/<file>.yaml -> <schema>; otherwise the YAML's top-level ``schema:`` key."""
+    """The YAML's top-level ``schema:`` key (run directories record it); otherwise conf/<schema>/<file>.yaml."""
     raw = OmegaConf.load(path)
     if isinstance(raw, DictConfig) and "schema" in raw:
         return str(raw.schema)
-    if path.parent.name in SCHEMAS:
+    if path.parent.name in schema_names():
         return path.parent.name
     raise ConfigError(
         f"{path}: cannot tell which schema this config uses; put it under conf/<schema>/ or add a top-level "
-        f"'schema:' key with one of {sorted(SCHEMAS)}"
+        f"'schema:' key with one of {schema_names()}"
     )
 
 

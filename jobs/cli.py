@@ -1,14 +1,21 @@
-"""``tokscale submit tokenizer`` and ``tokscale jobs status``.
+"""The commands every registered trainer shares: ``train``, ``submit``, ``jobs status``, ``export``, ``publish``.
 
+tokscale train tokenizer tokenizer/demo train.max_steps=300 [--nproc 2]
 tokscale submit tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu -t 1440
 tokscale submit tokenizer tokenizer/demo --sweep model.preset=2d-tiny --sweep model.preset=1d-tiny
 tokscale jobs status runs/demo
+tokscale export runs/demo exports/2d-tiny-demo
+tokscale publish exports/2d-tiny-demo my-org/tokscale-2d-tiny-demo
+
+TRAINER is a name from the registry (tokscale.registry: pyproject entry points, or TOKSCALE_TRAINERS) or a
+``module:Class`` / ``file.py:Class`` spec; ``tokscale train --help`` lists the registered names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 # (flag, JobConfig field, type, help)
 JOB_FLAGS = [
@@ -30,12 +37,56 @@ JOB_FLAGS = [
 SHORT = {"--partition": "-p", "--time": "-t", "--nodes": "-N"}
 
 
+def add_slurm_flags(group) -> None:
+    """The Slurm resource flags (JobConfig fields), ``--slurm OPTION=VALUE`` and ``--job-config``: the one set
+    every submitting command uses (``submit``, ``eval ... --submit``); read back by :func:`job_config_from_args`."""
+    for flag, dest, typ, help_ in JOB_FLAGS:
+        names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
+        group.add_argument(*names, dest=f"job_{dest}", type=typ, default=None, help=help_)
+    group.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="any other sbatch option, repeatable (e.g. --slurm exclusive=true --slurm mail-type=END)",
+    )
+    group.add_argument("--job-config", default=None, help="YAML with JobConfig fields; flags override it")
+
+
+def _registered() -> str:
+    from tokscale.registry import trainer_specs
+
+    try:
+        return ", ".join(sorted(trainer_specs())) or "none"
+    except ValueError as err:  # a bad TOKSCALE_TRAINERS entry: say so in --help rather than fail
+        return f"({err})"
+
+
+def _trainer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trainer", metavar="TRAINER", help=f"registered trainer ({_registered()}) or module:Class")
+    p.add_argument("config", help="YAML path or name under conf/ (e.g. tokenizer/demo)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotlist overrides, e.g. model.preset=1d-S-S train.zero_stage=2"
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    submit = sub.add_parser("submit", help="submit training to Slurm (through submitit)")
-    submit_sub = submit.add_subparsers(dest="submit_command", metavar="TRAINER", required=True)
-    tok = submit_sub.add_parser(
-        "tokenizer",
-        help="submit tokenizer training; prints the job id, run directory and log paths, and returns",
+    train = sub.add_parser(
+        "train",
+        help="train a registered trainer through DeepSpeed; rerunning resumes from the newest checkpoint",
+        description="tokscale train TRAINER CONFIG [KEY=VALUE ...] [--nproc N], e.g. tokscale train tokenizer "
+        "tokenizer/demo train.max_steps=300. The config is validated before any process starts; --nproc ranks "
+        "all read one resolved snapshot (RUN_DIR/local/config.yaml).",
+    )
+    _trainer_args(train)
+    train.add_argument(
+        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
+    )
+    train.set_defaults(func=train_command)
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit training to Slurm (through submitit); prints the job id, run directory and logs",
         description=(
             "Validates the training config, checks the request against the cluster (sinfo, sbatch --test-only), "
             "then submits one job (or one job array with --sweep). The job checkpoints and requeues itself on "
@@ -43,21 +94,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu -t 1440"
         ),
     )
-    tok.add_argument("config", help="YAML path or name under conf/ (e.g. tokenizer/demo)")
-    tok.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.zero_stage=2")
-    slurm = tok.add_argument_group("Slurm resources (kept apart from the training config)")
-    for flag, dest, typ, help_ in JOB_FLAGS:
-        names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
-        slurm.add_argument(*names, dest=f"job_{dest}", type=typ, default=None, help=help_)
-    slurm.add_argument(
-        "--slurm",
-        action="append",
-        default=[],
-        metavar="OPTION=VALUE",
-        help="any other sbatch option, repeatable (e.g. --slurm exclusive=true --slurm mail-type=END)",
-    )
-    slurm.add_argument("--job-config", default=None, help="YAML with JobConfig fields; flags override it")
-    tok.add_argument(
+    _trainer_args(submit)
+    add_slurm_flags(submit.add_argument_group("Slurm resources (kept apart from the training config)"))
+    submit.add_argument(
         "--sweep",
         action="append",
         default=[],
@@ -65,16 +104,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help='one run of a job array, repeatable: --sweep "model.preset=1d-S-S" --sweep "model.preset=1d-S-B"; '
         "each run gets RUN_DIR/<overrides>",
     )
-    tok.add_argument(
+    submit.add_argument(
         "--sweep-file", default=None, help="YAML list of sweep items (strings or key: value maps)"
     )
-    tok.add_argument(
-        "--trainer",
-        default="tokscale.tokenizers.train",
-        help="module (or .py file) providing load_train_config(path, overrides) and main(cfg, should_stop)",
-    )
-    tok.add_argument("--json", action="store_true", help="print the submitted runs as JSON")
-    tok.set_defaults(func=submit_tokenizer)
+    submit.add_argument("--json", action="store_true", help="print the submitted runs as JSON")
+    submit.set_defaults(func=submit_command)
 
     jobs = sub.add_parser("jobs", help="inspect submitted runs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
@@ -87,6 +121,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=jobs_status)
+
+    export = sub.add_parser(
+        "export",
+        help="consolidate a run's newest checkpoint into safetensors + config + model card (any trainer)",
+        description="tokscale export RUN_DIR OUT",
+    )
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.set_defaults(func=export_command)
+
+    publish = sub.add_parser(
+        "publish",
+        help="upload an export folder to the Hugging Face Hub (needs credentials)",
+        description="tokscale publish OUT REPO_ID [--private]",
+    )
+    publish.add_argument("folder")
+    publish.add_argument("repo_id")
+    publish.add_argument("--private", action="store_true")
+    publish.set_defaults(func=publish_command)
 
 
 def job_config_from_args(args: argparse.Namespace):
@@ -106,13 +159,34 @@ def job_config_from_args(args: argparse.Namespace):
     return load_config(JobConfig, args.job_config, dotlist)
 
 
-def submit_tokenizer(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
+    from tokscale.registry import TrainerRunnable, resolve_runnable, runnable_spec
+
+    runnable = resolve_runnable(args.trainer)
+    if not isinstance(runnable, TrainerRunnable):
+        raise ValueError(
+            f"{args.trainer!r} is not a trainer (a tokscale.trainer.Task); `tokscale train` runs trainers"
+        )
+    cfg = runnable.load_config(args.config, args.overrides)  # validated before any process starts
+    if args.nproc > 1:
+        from tokscale.config import to_yaml
+        from tokscale.jobs.local import launch_local
+
+        snapshot = Path(cfg.run_dir) / "local" / "config.yaml"  # every rank reads this one resolved config
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(to_yaml(cfg))
+        return launch_local(args.nproc, ["-m", "tokscale.train", runnable_spec(runnable), str(snapshot)])
+    print(json.dumps(runnable.main(cfg)))
+    return 0  # tokscale.cli.main ends the process through tokscale.shutdown.finish
+
+
+def submit_command(args: argparse.Namespace) -> int:
     from tokscale.jobs.submission import read_sweep_file, submit, sweep_items
 
     job_cfg = job_config_from_args(args)
     items = list(args.sweep) + (read_sweep_file(args.sweep_file) if args.sweep_file else [])
     sweep = sweep_items(items) if items else None
-    runs = submit(args.config, args.overrides, job_cfg, sweep=sweep, trainer=args.trainer)
+    runs = submit(args.trainer, args.config, args.overrides, job_cfg, sweep=sweep)
     if args.json:
         print(json.dumps([r.describe() for r in runs], indent=2))
         return 0
@@ -121,6 +195,20 @@ def submit_tokenizer(args: argparse.Namespace) -> int:
         print(f"  run_dir: {r.run_dir}")
         print(f"  stdout:  {r.stdout}")
         print(f"  stderr:  {r.stderr}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from tokscale.export import export
+
+    print(json.dumps({"exported": str(export(args.run_dir, args.out))}))
+    return 0
+
+
+def publish_command(args: argparse.Namespace) -> int:
+    from tokscale.export import publish
+
+    print(json.dumps({"published": publish(args.folder, args.repo_id, args.private)}))
     return 0
 
 

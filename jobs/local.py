@@ -48,7 +48,7 @@ def launch_local(nproc: int, target: Sequence[str] | Callable, *args: Any, **kwa
       each rank runs it like ``python *argv`` (through :func:`run_argv`, so a rank that exits 0 skips the
       interpreter teardown); returns 0 when every rank exits 0, else the first failing rank's exit code; or
     - a picklable function: each rank calls ``target(*args, **kwargs)`` in a spawned process and ends through
-      :func:`tokscale.jobs.shutdown.finish`; returns the list of per-rank return values, raises RuntimeError
+      :func:`tokscale.shutdown.finish`; returns the list of per-rank return values, raises RuntimeError
       naming the rank when one fails.
     """
     if nproc < 1:
@@ -65,7 +65,7 @@ def _launch_argv(nproc: int, port: int, argv: list[str]) -> int:
     procs = []
     for rank in range(nproc):
         env = {**os.environ, **rank_env(rank, nproc, port)}
-        # Through run_argv, so that a rank that finishes ends with finish() (see tokscale.jobs.shutdown).
+        # Through run_argv, so that a rank that finishes ends with finish() (see tokscale.shutdown).
         procs.append(subprocess.Popen([sys.executable, "-m", "tokscale.jobs.local", *argv], env=env))
     try:
         codes, first = _wait_all(
@@ -108,7 +108,7 @@ def _wait_all(procs, poll, terminate, kill, tick=lambda: None) -> tuple[list[int
 
 
 def _worker(rank: int, nproc: int, port: int, fn: Callable, args: tuple, kwargs: dict, results) -> None:
-    from tokscale.jobs.shutdown import exit_process, finish
+    from tokscale.shutdown import exit_process, finish
 
     os.environ.update(rank_env(rank, nproc, port))
     try:
@@ -159,9 +159,9 @@ def _launch_function(nproc: int, port: int, fn: Callable, args: tuple, kwargs: d
 
 def run_argv(argv: list[str]) -> NoReturn:
     """Run ``python ARGV`` (``-m module ...`` or ``script.py ...``) in this process, then leave through
-    :func:`tokscale.jobs.shutdown.finish` when it exits 0. An exception or a non-zero exit keeps Python's own
+    :func:`tokscale.shutdown.finish` when it exits 0. An exception or a non-zero exit keeps Python's own
     behaviour (traceback, exit code), so failures look exactly as without this wrapper."""
-    from tokscale.jobs.shutdown import exit_process, finish
+    from tokscale.shutdown import exit_process, finish
 
     if not argv:
         raise SystemExit("usage: python -m tokscale.jobs.local (-m MODULE | SCRIPT) [ARGS...]")

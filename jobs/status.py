@@ -10,26 +10,12 @@ a job that left squeue's memory is reported UNKNOWN rather than guessed.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from tokscale.checkpoint import latest_checkpoint
 from tokscale.jobs.submission import JOB_FILE
-
-STEP_RE = re.compile(r"^step_(\d{8})$")
-
-
-def last_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """Newest complete checkpoint (a ``COMPLETE`` file marks it), as the trainer resumes from it."""
-    root = run_dir / "ckpt"
-    best = None
-    if root.is_dir():
-        for p in root.iterdir():
-            m = STEP_RE.match(p.name)
-            if m and (p / "COMPLETE").is_file() and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), p)
-    return best
 
 
 def last_logged_step(run_dir: Path) -> int | None:
@@ -88,7 +74,7 @@ def run_status(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} not found")
     info = json.loads(job_file.read_text()) if job_file.is_file() else {}
-    ckpt = last_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir)  # the trainer resumes from it
     job_id = info.get("job_id")
     return {
         "run_dir": str(run_dir),

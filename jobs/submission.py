@@ -3,6 +3,9 @@
     tokscale submit tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu
     tokscale submit tokenizer tokenizer/gigatok --sweep model.preset=1d-S-S --sweep model.preset=1d-S-B
 
+What runs is any runnable of tokscale.registry: a registered trainer (by name) or a module offering
+``load_config`` and ``main`` (the evaluation jobs).
+
 Order matters: every training config of the submission is loaded and validated first, then the cluster is
 asked whether it can run the request, and only then is anything written or submitted.
 
@@ -21,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokscale.jobs.config import JobConfig
-from tokscale.jobs.training_job import DEFAULT_TRAINER, TrainingJob, load_trainer
+from tokscale.jobs.training_job import TrainingJob
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +89,10 @@ def read_sweep_file(path: str | Path) -> list[str]:
 
 
 def plan_runs(
-    trainer, config: str, overrides: list[str], sweep: list[list[str]] | None
+    runnable, config: str, overrides: list[str], sweep: list[list[str]] | None
 ) -> list[tuple[list[str], object]]:
     """(overrides, validated config) per run; a sweep puts each run in BASE_RUN_DIR/<slug of its overrides>."""
-    base = trainer.load_train_config(config, overrides)
+    base = runnable.load_config(config, overrides)
     if not sweep:
         return [(list(overrides), base)]
     runs = []
@@ -102,14 +105,15 @@ def plan_runs(
                 raise ValueError(f"two sweep items map to the run directory {name!r}; set run_dir= in them")
             names.add(name)
             extra.append(f"run_dir={Path(base.run_dir) / name}")
-        runs.append((list(overrides) + extra, trainer.load_train_config(config, list(overrides) + extra)))
+        runs.append((list(overrides) + extra, runnable.load_config(config, list(overrides) + extra)))
     return runs
 
 
-def write_job_file(run_dir: Path, run: SubmittedRun, job_cfg: JobConfig, config: str) -> None:
+def write_job_file(run_dir: Path, run: SubmittedRun, job_cfg: JobConfig, config: str, trainer: str) -> None:
     info = {
         **run.describe(),
         "config": config,
+        "trainer": trainer,
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resources": asdict(job_cfg),
     }
@@ -118,22 +122,25 @@ def write_job_file(run_dir: Path, run: SubmittedRun, job_cfg: JobConfig, config:
 
 
 def submit(
+    trainer: str,
     config: str,
     overrides: list[str],
     job_cfg: JobConfig,
     sweep: list[list[str]] | None = None,
-    trainer: str = DEFAULT_TRAINER,
     validate_cluster: bool = True,
 ) -> list[SubmittedRun]:
-    """Validate, then submit one job (or one array job for a sweep); returns immediately after sbatch."""
+    """Validate, then submit one job (or one array job for a sweep) of ``trainer`` (a registered name or a
+    runnable's spec); returns immediately after sbatch."""
     import submitit
     from submitit.core.utils import JobPaths
 
     from tokscale.config import to_yaml
     from tokscale.jobs.cluster import require_slurm, validate
+    from tokscale.registry import resolve_runnable, runnable_spec
 
-    module = load_trainer(trainer)
-    runs = plan_runs(module, config, overrides, sweep)  # every config error surfaces before any submission
+    runnable = resolve_runnable(trainer)
+    spec = runnable_spec(runnable)  # what the node imports
+    runs = plan_runs(runnable, config, overrides, sweep)  # every config error surfaces before any submission
     require_slurm()
     if validate_cluster:
         validate(job_cfg)
@@ -149,7 +156,7 @@ def submit(
         (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
         snapshot = run_dir / "slurm" / "config.yaml"
         snapshot.write_text(to_yaml(cfg))
-        jobs_in.append((run_overrides, run_dir, TrainingJob(str(snapshot), trainer, job_cfg.max_requeues)))
+        jobs_in.append((run_overrides, run_dir, TrainingJob(str(snapshot), spec, job_cfg.max_requeues)))
 
     if len(jobs_in) == 1:
         jobs = [executor.submit(jobs_in[0][2])]
@@ -170,7 +177,7 @@ def submit(
             num_tasks=job_cfg.world_size,
             job=job,
         )
-        write_job_file(run_dir, run, job_cfg, config)
+        write_job_file(run_dir, run, job_cfg, config, trainer)
         submitted.append(run)
         log.info("submitted job %s for %s", run.job_id, run_dir)
     return submitted

@@ -6,32 +6,27 @@ Per task (one per GPU, or ``tasks_per_node`` on CPU nodes), :class:`TrainingJob`
    first node of the allocation, port derived from the job id so all tasks agree without talking);
 2. installs :class:`StopRequest`: SIGUSR2 (sent ``signal_delay_s`` before the time limit, or by
    ``scancel --signal=USR2 JOBID``) and SIGTERM (preemption, scancel) only set a flag;
-3. imports the trainer lazily and calls ``main(cfg, should_stop=stop.is_set)``; the trainer polls the flag every
-   step, agrees across ranks and returns ``{"status": "stopped"}`` after saving a checkpoint;
+3. resolves the runnable lazily (a registered trainer, whose ``main`` is the shared loop tokscale.loop, or any
+   module with ``load_config`` and ``main``; tokscale.registry) and calls ``main(cfg, should_stop=stop.is_set)``;
+   the loop polls the flag every step, agrees across ranks and returns ``{"status": "stopped"}`` after saving;
 4. on "stopped" after SIGUSR2, global rank 0 runs ``scontrol requeue`` (same job id, same run directory) and the
    requeued job resumes from the newest complete checkpoint; after SIGTERM it only exits (Slurm requeues
    preempted jobs itself, and a cancelled job must stay cancelled);
-5. leaves through :func:`tokscale.jobs.shutdown.finish` (barrier, flush, ``os._exit``), after writing submitit's
+5. leaves through :func:`tokscale.shutdown.finish` (barrier, flush, ``os._exit``), after writing submitit's
    result file itself when training finished, so ``job.result()`` works and no teardown abort marks it FAILED.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAINER = "tokscale.tokenizers.train"
 PORT_BASE, PORT_SPAN = 20000, 20000
 
 
@@ -79,32 +74,6 @@ def distributed_env(job_env) -> dict[str, str]:
     }
 
 
-def load_trainer(spec: str) -> ModuleType:
-    """A trainer module by import name (``tokscale.tokenizers.train``) or by file path (``/x/toy.py``).
-
-    It must provide ``load_train_config(path, overrides)`` and ``main(cfg, should_stop=None) -> dict``.
-    """
-    if spec.endswith(".py"):
-        path = Path(spec).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"trainer file {path} not found")
-        name = f"tokscale_trainer_{path.stem}"
-        if name in sys.modules:
-            return sys.modules[name]
-        mod_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(spec)
-    for attr in ("load_train_config", "main"):
-        if not hasattr(module, attr):
-            raise ValueError(
-                f"trainer {spec!r} has no {attr}(); expected load_train_config(path, overrides) and main(cfg)"
-            )
-    return module
-
-
 def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
@@ -143,12 +112,12 @@ def next_action(result: dict, signal_name: str | None, restarts: int, max_requeu
 
 
 class TrainingJob:
-    """What ``tokscale submit`` hands to submitit: a trainer, a resolved config file and the requeue policy.
+    """What ``tokscale submit`` hands to submitit: a runnable's spec, a resolved config file and the requeue policy.
 
-    Only strings and ints are pickled; the trainer is imported on the node.
+    Only strings and ints are pickled; the runnable is imported on the node (tokscale.registry.resolve_runnable).
     """
 
-    def __init__(self, config_path: str, trainer: str = DEFAULT_TRAINER, max_requeues: int = 20) -> None:
+    def __init__(self, config_path: str, trainer: str, max_requeues: int = 20) -> None:
         self.config_path = str(config_path)
         self.trainer = trainer
         self.max_requeues = max_requeues
@@ -169,13 +138,15 @@ class TrainingJob:
         )
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if job_env_has_no_gpu() else "cuda")
 
-        trainer = load_trainer(self.trainer)
-        cfg = trainer.load_train_config(self.config_path, [])
-        result = trainer.main(cfg, should_stop=stop.is_set)
+        from tokscale.registry import resolve_runnable
+
+        runnable = resolve_runnable(self.trainer)
+        cfg = runnable.load_config(self.config_path, [])
+        result = runnable.main(cfg, should_stop=stop.is_set)
         return self._after_training(result, stop, job_env)
 
     def _after_training(self, result: dict, stop: StopRequest, job_env) -> dict:
-        from tokscale.jobs.shutdown import barrier_if_distributed, finish
+        from tokscale.shutdown import barrier_if_distributed, finish
 
         action = next_action(result, stop.signal_name, restart_count(), self.max_requeues)
         log.info("training returned %s at step %s: %s", result.get("status"), result.get("step"), action)

@@ -157,12 +157,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_unconfigure(config):
     """In-process trainer tests leave a gloo process group in this process; its threads can abort interpreter
-    teardown (SIGABRT) after every test passed. Leave the way tokscale's entry points do (jobs.shutdown), with
+    teardown (SIGABRT) after every test passed. Leave the way tokscale's entry points do (tokscale.shutdown), with
     pytest's own exit status, after pytest printed its summary."""
     import sys
 
     dist = sys.modules.get("torch.distributed")
     if _EXIT_STATUS and dist is not None and dist.is_available() and dist.is_initialized():
-        from tokscale.jobs.shutdown import exit_process
+        from tokscale.shutdown import exit_process
 
         exit_process(_EXIT_STATUS[-1])

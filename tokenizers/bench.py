@@ -13,15 +13,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tokscale.tokenizers.cli import _model_config
 from tokscale.tokenizers.model import VQTokenizer, param_counts
+from tokscale.tokenizers.presets import preset_config
 
 
 def bench(args: argparse.Namespace) -> dict:
     overrides = [f"image_size={args.resolution}"] if args.resolution else []
     if args.grad_checkpointing:
         overrides.append("grad_checkpointing=true")
-    cfg = _model_config(args.preset, overrides)
+    cfg = preset_config(args.preset, overrides)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -1,4 +1,8 @@
-"""Tokenizer commands: ``model info``, ``train tokenizer``, ``demo``, ``bench tokenizer``, ``export``."""
+"""Tokenizer commands: ``model info|list``, ``demo``, ``bench tokenizer``, ``bench zero``.
+
+Training, submission and export are generic over registered trainers (tokscale.jobs.cli); the tokenizer
+registers itself as the trainer ``tokenizer`` in pyproject.toml. Evaluation commands: tokscale.tokenizers.eval_cli.
+"""
 
 from __future__ import annotations
 
@@ -20,22 +24,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lst = msub.add_parser("list", help="list preset names")
     lst.set_defaults(func=model_list)
 
-    train = sub.add_parser("train", help="train a model")
-    tsub = train.add_subparsers(dest="train_command", metavar="MODEL", required=True)
-    tok = tsub.add_parser(
-        "tokenizer",
-        help="train a tokenizer through DeepSpeed; rerunning resumes from the newest checkpoint",
-        description="tokscale train tokenizer tokenizer/demo train.max_steps=300 [--nproc 2]",
-    )
-    tok.add_argument("config", help="YAML path or name under conf/ (e.g. tokenizer/demo)")
-    tok.add_argument(
-        "overrides", nargs="*", help="dotlist overrides, e.g. model.preset=1d-S-S train.zero_stage=2"
-    )
-    tok.add_argument(
-        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
-    )
-    tok.set_defaults(func=train_tokenizer)
-
     demo = sub.add_parser(
         "demo",
         help="train 2d-tiny on the embedded dataset and report PSNR/SSIM/usage before and after",
@@ -44,25 +32,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("overrides", nargs="*", help="dotlist overrides of conf/tokenizer/demo.yaml")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run, grid PNG and metrics JSON go")
     demo.set_defaults(func=run_demo)
-
-    export = sub.add_parser(
-        "export",
-        help="consolidate a run's newest checkpoint into safetensors + config + model card",
-        description="tokscale export RUN_DIR OUT",
-    )
-    export.add_argument("run_dir")
-    export.add_argument("out")
-    export.set_defaults(func=export_run)
-
-    publish = sub.add_parser(
-        "publish",
-        help="upload an export folder to the Hugging Face Hub (needs credentials)",
-        description="tokscale publish OUT REPO_ID [--private]",
-    )
-    publish.add_argument("folder")
-    publish.add_argument("repo_id")
-    publish.add_argument("--private", action="store_true")
-    publish.set_defaults(func=publish_export)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
@@ -81,23 +50,25 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--grad-checkpointing", action="store_true")
     b.set_defaults(func=bench_tokenizer)
 
-
-def _model_config(preset: str, overrides: list[str]):
-    from tokscale.config import load_config
-    from tokscale.tokenizers.model import TokenizerConfig
-    from tokscale.tokenizers.presets import get_preset
-
-    return load_config(
-        TokenizerConfig, None, [f"preset={preset}", *overrides], presets=get_preset, preset_key="preset"
+    z = bench_sub.add_parser(
+        "zero",
+        help="measured per-rank model-state memory at ZeRO stages 0-3 next to the paper's prediction (JSON)",
+        description="tokscale bench zero [--preset 2d-tiny] [--world-size 2] [--stages 0 1 2 3]",
     )
+    z.add_argument("--preset", default="2d-tiny")
+    z.add_argument("--world-size", type=int, default=2)
+    z.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    z.add_argument("--image-size", type=int, default=32, help="input size of the one measured step")
+    z.set_defaults(func=bench_zero)
 
 
 def model_info(args: argparse.Namespace) -> int:
     import torch
 
     from tokscale.tokenizers.model import VQTokenizer, param_counts
+    from tokscale.tokenizers.presets import preset_config
 
-    cfg = _model_config(args.preset, args.overrides)
+    cfg = preset_config(args.preset, args.overrides)
     with torch.device("meta"):
         model = VQTokenizer(cfg)
     out = {"preset": args.preset, "kind": cfg.kind, **param_counts(model)}
@@ -120,20 +91,6 @@ def model_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_tokenizer(args: argparse.Namespace) -> int:
-    from tokscale.tokenizers.train import load_train_config
-
-    cfg = load_train_config(args.config, args.overrides)  # validate before any process starts
-    if args.nproc > 1:
-        from tokscale.jobs.local import launch_local
-
-        return launch_local(args.nproc, ["-m", "tokscale.tokenizers.train", args.config, *args.overrides])
-    from tokscale.tokenizers.train import main
-
-    print(json.dumps(main(cfg)))
-    return 0  # tokscale.cli.main ends the process through jobs.shutdown.finish
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.demo import demo
 
@@ -141,23 +98,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_run(args: argparse.Namespace) -> int:
-    from tokscale.tokenizers.export import export
-
-    out = export(args.run_dir, args.out)
-    print(json.dumps({"exported": str(out)}))
-    return 0
-
-
-def publish_export(args: argparse.Namespace) -> int:
-    from tokscale.tokenizers.export import publish
-
-    print(json.dumps({"published": publish(args.folder, args.repo_id, args.private)}))
-    return 0
-
-
 def bench_tokenizer(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.bench import bench
 
     print(json.dumps(bench(args)))
+    return 0
+
+
+def bench_zero(args: argparse.Namespace) -> int:
+    from tokscale.tokenizers.zero_bench import bench_zero as run
+
+    print(json.dumps(run(args.preset, args.world_size, args.stages, args.image_size)))
     return 0

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tokscale.tokenizers.train import image_grid, load_train_config, main, save_png
+from tokscale.images import image_grid, save_png, to_unit
+from tokscale.tokenizers.train import load_train_config, main
 
 NUM_EVAL_IMAGES = 64
 
@@ -80,9 +81,7 @@ def demo(run_dir: str, overrides: list[str]) -> dict:
     }
     out = Path(run_dir)
     (out / "demo_metrics.json").write_text(json.dumps(report, indent=2))
-    grid = torch.cat(
-        [image_grid(images, recon_start), image_grid(images, recon_end)[:, images.shape[-2] :]], dim=1
-    )
+    grid = image_grid(to_unit(images), to_unit(recon_start), to_unit(recon_end))
     save_png(grid, out / "demo_reconstruction.png")
     report["files"] = {
         "metrics": str(out / "demo_metrics.json"),

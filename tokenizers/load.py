@@ -1,4 +1,5 @@
-"""Loading tokenizer weights from a run directory (newest complete checkpoint, any ZeRO stage) or an export.
+"""Loading a tokenizer from a run directory (newest complete checkpoint, any ZeRO stage) or an export; the weights
+and files themselves are read by the generic tokscale.export.
 
 import tokscale
 tok = tokscale.load_tokenizer("exports/2d-tiny-demo")   # or a run dir
@@ -14,16 +15,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from tokscale.checkpoint import latest_checkpoint
+from tokscale.export import CONFIG, state_dict_from
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
-
-
-def is_export(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
 def model_config_from(path: str | Path):
@@ -39,36 +33,6 @@ def model_config_from(path: str | Path):
     if "model" not in raw:
         raise ValueError(f"{cfg_file} has no 'model' section")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TokenizerConfig), raw.model))
-
-
-def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 model weights from one checkpoint directory, whatever the ZeRO stage and world size it was saved at."""
-    engine_dir = ckpt_dir / "engine"
-    if any(engine_dir.glob("*optim_states.pt")) and any(engine_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="engine")
-    else:  # plain data parallel (stage 0): the module states hold the weights
-        files = sorted(engine_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{engine_dir}: no DeepSpeed model states found")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def state_dict_from(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if is_export(path):
-        from safetensors.torch import load_file
-
-        return load_file(str(path / WEIGHTS))
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(
-            f"{path}: neither an exported tokenizer ({WEIGHTS} + {CONFIG}) nor a run directory with a complete "
-            "checkpoint under ckpt/"
-        )
-    return consolidated_state_dict(found[1])
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

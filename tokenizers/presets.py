@@ -82,3 +82,13 @@ def get_preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}; expected one of {list_presets()}")
     return copy.deepcopy(PRESETS[name])
+
+
+def preset_config(name: str, overrides=()):
+    """The TokenizerConfig of a preset with model-config overrides (``decoder.depth=12``), validated."""
+    from tokscale.config import load_config
+    from tokscale.tokenizers.model import TokenizerConfig
+
+    return load_config(
+        TokenizerConfig, None, [f"preset={name}", *overrides], presets=get_preset, preset_key="preset"
+    )

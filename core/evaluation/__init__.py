@@ -1,9 +1,11 @@
-"""Paper-comparable evaluation: rFID/IS (TF-compatible Inception), PSNR, SSIM, LPIPS, codebook usage, reference
-statistics and linear probes, computed across ranks from running sums.
+"""Evaluation primitives every model family shares: TF-compatible Inception features, Fréchet distance and
+reference statistics, Inception Score, PSNR/SSIM and codebook usage, linear probes, and the lockstep helpers that
+keep ranks' forward passes matched. Computed across ranks from running sums.
 
-    from tokscale.evaluation import EvalConfig, ReconEvaluator, evaluate_reconstruction, evaluate_in_training
+    from tokscale.evaluation import EvalConfig, frechet_distance, train_linear_probe
 
-Names resolve lazily so that ``tokscale --help`` (which imports tokscale.evaluation.cli) never imports torch.
+What is specific to a tokenizer (the reconstruction evaluator and the ``tokscale eval`` jobs) lives next to it,
+in tokscale.tokenizers.recon_eval and tokscale.tokenizers.eval_runner. Names resolve lazily (no torch import).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import importlib
 
 _EXPORTS = {
     "EvalConfig": "tokscale.evaluation.config",
-    "ReconEvaluator": "tokscale.evaluation.recon",
-    "evaluate_reconstruction": "tokscale.evaluation.recon",
-    "evaluate_in_training": "tokscale.evaluation.recon",
+    "frechet_distance": "tokscale.evaluation.fid",
+    "GaussianStats": "tokscale.evaluation.fid",
+    "load_inception": "tokscale.evaluation.inception",
+    "InceptionScore": "tokscale.evaluation.inception_score",
+    "lockstep": "tokscale.evaluation.lockstep",
     "ProbeConfig": "tokscale.evaluation.probe",
     "train_linear_probe": "tokscale.evaluation.probe",
     "logistic_probe": "tokscale.evaluation.probe",

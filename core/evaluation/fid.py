@@ -244,7 +244,7 @@ def dataset_stats(
     """(GaussianStats merged over ranks, resolution) of the uint8-quantised images a stream yields: the
     reference statistics of the evaluation crops. Collective when torch.distributed is initialised."""
     from tokscale.evaluation.inception import quantize_uint8
-    from tokscale.evaluation.recon import split_batch
+    from tokscale.evaluation.lockstep import split_batch
 
     stats = GaussianStats(FEATURE_DIM, device)
     resolution = 0

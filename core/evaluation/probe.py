@@ -131,7 +131,7 @@ def extract_features(
         from tqdm import tqdm
 
         bar = tqdm(desc="probe features", unit="img")
-    from tokscale.evaluation.recon import lockstep
+    from tokscale.evaluation.lockstep import lockstep
 
     shape = tuple(image_shape) if image_shape else None
     for batch in lockstep(batches, device):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tokscale.config import ConfigError, conf_dir, load_config, schema_for
+from tokscale.config import ConfigError, conf_dir, schema_task
 from tokscale.tokenizers.train import TrainConfig, load_train_config
 
 
@@ -18,15 +18,12 @@ def all_yaml():
 
 @pytest.mark.parametrize("rel", all_yaml(), ids=str)
 def test_every_yaml_in_conf_validates_against_its_schema(rel):
-    schema = schema_for(rel.parts[0])
+    task = schema_task(rel.parts[0])
     # mandatory paths (???) are the user's to fill: give them a value, everything else must validate as is
-    cfg = load_config(
-        schema,
-        conf_dir() / rel,
-        ["data.train_shards=/x/train-{0..1}.tar", "data.eval_shards=/x/val-{0..1}.tar"],
-        presets=schema.presets,
+    cfg = task.load_config(
+        conf_dir() / rel, ["data.train_shards=/x/train-{0..1}.tar", "data.eval_shards=/x/val-{0..1}.tar"]
     )
-    assert isinstance(cfg, schema)
+    assert isinstance(cfg, task.config_class)
 
 
 def test_preset_then_yaml_then_command_line_take_precedence_in_that_order():

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tokscale.data.stream import DataConfig, EvalStream, TrainStream
-from tokscale.jobs.shutdown import finish
+from tokscale.shutdown import finish
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
             f,
         )
     # gloo's threads can abort interpreter teardown (SIGABRT) even after destroy_process_group: leave as every
-    # tokscale entry point does (tokscale.jobs.shutdown)
+    # tokscale entry point does (tokscale.shutdown)
     finish(0)
 
 

@@ -10,16 +10,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tokscale.jobs.shutdown import finish
+from tokscale.shutdown import finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from palette import PaletteTokenizer, batches, random_images  # noqa: E402
 
-from tokscale.evaluation import EvalConfig, evaluate_reconstruction  # noqa: E402
+from tokscale.evaluation.config import EvalConfig  # noqa: E402
 from tokscale.evaluation.fid import GaussianStats  # noqa: E402
 from tokscale.evaluation.image_metrics import CodeUsage  # noqa: E402
 from tokscale.evaluation.inception_score import InceptionScore  # noqa: E402
+from tokscale.tokenizers.recon_eval import evaluate_reconstruction  # noqa: E402
 
 NUM = 10  # uneven share on purpose at 3 ranks; 5 each at 2
 
@@ -108,7 +109,7 @@ def main() -> None:
     if rank == 0:
         torch.save(result, out)
     # gloo's threads can abort interpreter teardown (SIGABRT) even after destroy_process_group: leave as every
-    # tokscale entry point does (tokscale.jobs.shutdown)
+    # tokscale entry point does (tokscale.shutdown)
     finish(0)
 
 

@@ -111,15 +111,13 @@ def test_eval_probe_trains_on_the_train_split_and_reports_both_probes(tiny_expor
 
 
 def test_the_eval_runner_has_the_interface_the_slurm_job_runs(tmp_path):
-    from tokscale.jobs.training_job import load_trainer
+    from tokscale.registry import resolve_runnable
 
-    runner = load_trainer("tokscale.evaluation.runner")
-    cfg = runner.load_train_config(
-        None, ["task=stats", "data.eval_shards=embedded", f"stats_out={tmp_path}/r.npz"]
-    )
+    runner = resolve_runnable("tokscale.tokenizers.eval_runner")
+    cfg = runner.load_config(None, ["task=stats", "data.eval_shards=embedded", f"stats_out={tmp_path}/r.npz"])
     assert cfg.run_dir and cfg.task == "stats"
     with pytest.raises(ValueError, match="stats_out"):
-        runner.load_train_config(None, ["task=stats", "data.eval_shards=embedded"])
+        runner.load_config(None, ["task=stats", "data.eval_shards=embedded"])
 
 
 def test_eval_recon_over_two_local_processes_counts_an_uneven_set_once(tiny_export, data_cache, tmp_path):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from palette import PaletteTokenizer, batches, random_images
 
-from tokscale.evaluation import EvalConfig, evaluate_reconstruction
+from tokscale.evaluation.config import EvalConfig
 from tokscale.evaluation.fid import GaussianStats
 from tokscale.evaluation.image_metrics import CodeUsage
+from tokscale.tokenizers.recon_eval import evaluate_reconstruction
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 

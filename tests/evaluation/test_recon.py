@@ -10,9 +10,10 @@ import pytest
 import torch
 from palette import PaletteTokenizer, PixelTokenizer, batches, random_images
 
-from tokscale.evaluation import EvalConfig, ReconEvaluator, evaluate_reconstruction
+from tokscale.evaluation.config import EvalConfig
 from tokscale.evaluation.fid import StatsMeta, dataset_stats, save_stats
 from tokscale.evaluation.image_metrics import psnr_per_image, ssim_per_image, to_unit_float
+from tokscale.tokenizers.recon_eval import ReconEvaluator, evaluate_reconstruction
 
 
 def test_metrics_average_per_image_values_over_every_sample_once(palette_tokenizer):
@@ -125,8 +126,8 @@ def test_in_training_evaluation_logs_scalars_and_a_grid_and_reuses_the_subset_re
     tmp_path, inception_weights
 ):
     from tokscale.data.stream import DataConfig
-    from tokscale.evaluation import evaluate_in_training
     from tokscale.logger import MetricLogger
+    from tokscale.tokenizers.recon_eval import evaluate_in_training
 
     data = DataConfig(eval_shards="embedded", resolution=16, num_workers=0, cache_dir=str(tmp_path / "cache"))
     cfg = EvalConfig(inception_weights=str(inception_weights), compute_lpips=False, is_splits=2, batch_size=2)

@@ -1,6 +1,6 @@
 """Through submitit on a real two-node Slurm cluster (tests/conftest.py starts it; root needed).
 
-The toy trainer (tests/jobs/toy_trainer.py) has the tokenizer trainer's interface and all-reduces over gloo every
+The toy runnable (tests/jobs/toy_trainer.py: load_config and main, no engine) all-reduces over gloo every
 step, so these tests check the Slurm mechanics in seconds: rendezvous across nodes, job arrays, status, refusal
 before submission. test_slurm_tokenizer.py runs the real trainer (including preemption and requeue).
 """
@@ -37,10 +37,10 @@ def all_job_ids() -> list[str]:
 
 def test_a_two_node_job_all_reduces_across_both_nodes_and_reports_its_status(slurm_cluster, tmp_path):
     (run,) = submit(
+        slurm_cluster.toy_trainer,
         toy_config(tmp_path),
         [],
         JobConfig(nodes=2, time_min=5, signal_delay_s=30),
-        trainer=slurm_cluster.toy_trainer,
     )
     results = slurm_cluster.wait_for(run.job, timeout_s=180)
     assert [r["rank"] for r in results] == [0, 1]
@@ -59,7 +59,7 @@ def test_a_two_node_job_all_reduces_across_both_nodes_and_reports_its_status(slu
 
 def test_jobs_status_prints_the_state_step_and_checkpoint_of_a_run(slurm_cluster, tmp_path, capsys):
     (run,) = submit(
-        toy_config(tmp_path), [], JobConfig(time_min=5, signal_delay_s=30), trainer=slurm_cluster.toy_trainer
+        slurm_cluster.toy_trainer, toy_config(tmp_path), [], JobConfig(time_min=5, signal_delay_s=30)
     )
     slurm_cluster.wait_for(run.job, timeout_s=180)
     slurm_cluster.final_state(run.job_id)
@@ -70,7 +70,7 @@ def test_jobs_status_prints_the_state_step_and_checkpoint_of_a_run(slurm_cluster
 
 
 def test_a_sweep_is_one_job_array_with_a_run_dir_per_item(slurm_cluster, tmp_path, capsys):
-    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer, "--json"]
+    argv = ["submit", slurm_cluster.toy_trainer, toy_config(tmp_path), "--json"]
     argv += [
         "--time",
         "5",
@@ -118,7 +118,7 @@ def test_a_sweep_is_one_job_array_with_a_run_dir_per_item(slurm_cluster, tmp_pat
 )
 def test_an_impossible_request_is_refused_at_submission(slurm_cluster, tmp_path, capsys, flags, message):
     before = all_job_ids()
-    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer, *flags]
+    argv = ["submit", slurm_cluster.toy_trainer, toy_config(tmp_path), *flags]
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
     assert all_job_ids() == before and not (tmp_path / "run" / "slurm").exists()
@@ -126,7 +126,7 @@ def test_an_impossible_request_is_refused_at_submission(slurm_cluster, tmp_path,
 
 def test_a_config_error_fails_before_anything_is_submitted(slurm_cluster, tmp_path, capsys):
     before = all_job_ids()
-    argv = ["submit", "tokenizer", toy_config(tmp_path), "--trainer", slurm_cluster.toy_trainer]
+    argv = ["submit", slurm_cluster.toy_trainer, toy_config(tmp_path)]
     assert cli_main(argv + ["--sweep", "train.max_steps=2", "--sweep", "train.max_stepz=3"]) == 2
     assert "max_stepz" in capsys.readouterr().err
     assert all_job_ids() == before and not (tmp_path / "run").exists()
@@ -135,10 +135,10 @@ def test_a_config_error_fails_before_anything_is_submitted(slurm_cluster, tmp_pa
 def test_sigterm_saves_a_checkpoint_and_ends_the_job_without_requeueing(slurm_cluster, tmp_path):
     # SIGTERM is preemption (Slurm requeues the job itself) or cancellation: save, then stop for good.
     (run,) = submit(
+        slurm_cluster.toy_trainer,
         toy_config(tmp_path, max_steps=200, step_s=0.1),
         [],
         JobConfig(nodes=2, time_min=5, signal_delay_s=30),
-        trainer=slurm_cluster.toy_trainer,
     )
     deadline = time.monotonic() + 120
     while len(slurm_cluster.metrics(run.run_dir)) < 2:
@@ -158,10 +158,10 @@ def test_the_time_limit_signal_saves_a_checkpoint_and_max_requeues_ends_the_job(
     # runs every ~30 s). With max_requeues=0 the job saves, does not requeue, and returns "stopped". On a loaded
     # machine the two tasks may still be starting when the signal comes: then it stops and saves at step 0.
     (run,) = submit(
+        slurm_cluster.toy_trainer,
         toy_config(tmp_path, max_steps=1000, step_s=0.1),
         [],
         JobConfig(nodes=2, time_min=1, signal_delay_s=45, max_requeues=0),
-        trainer=slurm_cluster.toy_trainer,
     )
     results = slurm_cluster.wait_for(run.job, timeout_s=120)
     assert all(r["status"] == "stopped" and r["restart"] == 0 for r in results)

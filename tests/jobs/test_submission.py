@@ -4,7 +4,7 @@ import pytest
 
 from tokscale.config import ConfigError
 from tokscale.jobs.submission import plan_runs, read_sweep_file, slug, sweep_items
-from tokscale.jobs.training_job import load_trainer
+from tokscale.registry import resolve_runnable
 
 TOY = os.path.join(os.path.dirname(__file__), "toy_trainer.py")
 
@@ -31,7 +31,7 @@ def test_a_sweep_file_lists_strings_or_mappings(tmp_path):
 
 
 def test_sweep_runs_live_under_the_base_run_dir_and_are_all_validated(tmp_path):
-    toy = load_trainer(TOY)
+    toy = resolve_runnable(TOY)
     runs = plan_runs(toy, None, [f"run_dir={tmp_path}/sweep"], [["train.max_steps=2"], ["train.max_steps=3"]])
     assert [cfg.run_dir for _, cfg in runs] == [
         f"{tmp_path}/sweep/max_steps-2",

@@ -11,10 +11,10 @@ from tokscale.jobs.training_job import (
     StopRequest,
     TrainingJob,
     distributed_env,
-    load_trainer,
     master_port,
     next_action,
 )
+from tokscale.registry import resolve_runnable
 
 TOY = os.path.join(os.path.dirname(__file__), "toy_trainer.py")
 
@@ -51,13 +51,15 @@ def test_usr2_asks_for_a_requeue_and_sigterm_only_for_a_stop():
             signal.signal(s, h)
 
 
-def test_trainers_load_by_module_name_or_file_and_must_have_main():
-    toy = load_trainer(TOY)
-    assert callable(toy.main) and callable(toy.load_train_config)
-    with pytest.raises(ValueError, match="has no load_train_config"):
-        load_trainer("tokscale.jobs.config")
+def test_runnables_load_by_module_name_or_file_and_must_have_load_config_and_main():
+    toy = resolve_runnable(TOY)
+    assert callable(toy.main) and callable(toy.load_config)
+    with pytest.raises(ValueError, match="load_config"):
+        resolve_runnable("tokscale.jobs.config")
     with pytest.raises(FileNotFoundError, match="missing.py"):
-        load_trainer("/nonexistent/missing.py")
+        resolve_runnable("/nonexistent/missing.py")
+    with pytest.raises(ValueError, match="unknown trainer 'nosuch'.*tokenizer"):
+        resolve_runnable("nosuch")
 
 
 def test_checkpoint_resubmits_the_same_job_for_submitits_timeout_path():

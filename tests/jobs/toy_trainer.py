@@ -1,6 +1,6 @@
-"""A tiny trainer with the tokenizer trainer's interface, for launcher tests that must not wait for a model.
+"""A tiny runnable (tokscale.registry) for launcher tests that must not wait for a model or a DeepSpeed engine.
 
-``load_train_config(path, overrides)`` and ``main(cfg, should_stop)``: every step all-reduces a tensor over gloo
+``load_config(path, overrides)`` and ``main(cfg, should_stop)``: every step all-reduces a tensor over gloo
 (so a wrong rendezvous hangs or fails), rank 0 appends ``{"step", "world_size", "sum"}`` to metrics.jsonl, and
 checkpoints are ``run_dir/ckpt/step_XXXXXXXX/COMPLETE`` like the real trainer's, with automatic resume.
 """
@@ -31,7 +31,7 @@ class ToyConfig:
             raise ValueError(f"train.max_steps must be >= 1, got {self.train.max_steps}")
 
 
-def load_train_config(path, overrides=()) -> ToyConfig:
+def load_config(path, overrides=()) -> ToyConfig:
     from tokscale.config import load_config
 
     return load_config(ToyConfig, path, overrides)

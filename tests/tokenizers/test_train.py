@@ -7,8 +7,8 @@ from tiny_run import StopAfter, losses, tiny_cfg
 
 from tokscale.checkpoint import complete_checkpoints, latest_checkpoint
 from tokscale.config import ConfigError
-from tokscale.tokenizers.export import export, publish, verify
-from tokscale.tokenizers.load import load_tokenizer, state_dict_from
+from tokscale.export import export, publish, state_dict_from, verify
+from tokscale.tokenizers.load import load_tokenizer
 from tokscale.tokenizers.train import main
 
 

@@ -7,9 +7,9 @@ import torch
 from tiny_run import losses
 
 from tokscale.checkpoint import latest_checkpoint
+from tokscale.export import export, state_dict_from
 from tokscale.jobs.local import launch_local
-from tokscale.tokenizers.export import export
-from tokscale.tokenizers.load import load_tokenizer, state_dict_from
+from tokscale.tokenizers.load import load_tokenizer
 
 WORKER = str(Path(__file__).with_name("tiny_run.py"))
 

@@ -5,7 +5,8 @@ resolution, reconstructed, quantised to uint8 with clamp(127.5 x + 128), and com
 statistics of the same crops. Every rank reconstructs its own share of the stream (the stream yields each sample
 exactly once across ranks) and keeps only running sums; one all_reduce per statistic merges them at the end.
 
-    from tokscale.evaluation import EvalConfig, evaluate_reconstruction
+    from tokscale.evaluation.config import EvalConfig
+    from tokscale.tokenizers.recon_eval import evaluate_reconstruction
     metrics = evaluate_reconstruction(tok, stream, EvalConfig(inception_weights="pt_inception.pth"), rank, world)
 
 A trainer keeps one :class:`ReconEvaluator` (Inception loaded once, reference statistics of a fixed subset cached
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,44 +35,13 @@ from tokscale.evaluation.fid import (
 from tokscale.evaluation.image_metrics import CodeUsage, psnr_per_image, ssim_per_image
 from tokscale.evaluation.inception import FEATURE_DIM, load_inception, quantize_uint8
 from tokscale.evaluation.inception_score import InceptionScore
+from tokscale.evaluation.lockstep import lockstep, split_batch
+from tokscale.images import image_grid, to_unit
 
 log = logging.getLogger(__name__)
 
 # Per-image sums reduced across ranks, in this order.
 _SUMS = ("count", "psnr", "ssim_dr1", "ssim_dr2", "lpips")
-
-
-def split_batch(batch) -> tuple[torch.Tensor, list[str] | None]:
-    """Images and (when present) sample keys from what a stream or loader yields: a tensor, (images, labels)
-    or EvalStream's (images, labels, keys)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        return batch["images"], batch.get("keys")
-    images = batch[0]
-    keys = batch[2] if len(batch) > 2 else None
-    return images, keys
-
-
-def lockstep(batches: Iterable, device) -> Iterator:
-    """The batches, then ``None`` until every rank has run out; ends on all ranks together.
-
-    A ZeRO-3 module gathers its parameters with collectives inside forward, so every rank must make the same
-    number of forward passes even when the stream gives ranks different batch counts (uneven shares, loader
-    workers): an exhausted rank runs a dummy pass for each batch a peer still has. Costs one tiny all_reduce
-    per batch; without a process group it is the plain iterator."""
-    it = iter(batches)
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    while True:
-        batch = next(it, None)
-        if distributed:
-            active = torch.tensor([0 if batch is None else 1], device=device)
-            dist.all_reduce(active)
-            if int(active.item()) == 0:
-                return
-        elif batch is None:
-            return
-        yield batch
 
 
 @dataclass
@@ -204,7 +174,9 @@ class ReconEvaluator:
             metrics["rfid"] = frechet_distance(mu, sigma, *reference)
         grid = None
         if rank == 0 and grid_orig:
-            grid = make_grid(torch.cat(grid_orig), torch.cat(grid_rec))
+            grid = image_grid(
+                to_unit(torch.cat(grid_orig)), to_unit(torch.cat(grid_rec)), n=cfg.num_grid_images, padding=2
+            )
         return ReconResult(
             metrics=metrics, grid=grid, meta=meta, crop_stats=reference if crop_stats is not None else None
         )
@@ -212,15 +184,6 @@ class ReconEvaluator:
     def _check_reference(self, resolution: int) -> None:
         if self.reference is not None:
             check_compatible(self.reference, StatsMeta(resolution=resolution), force=self.cfg.force)
-
-
-def make_grid(orig_u8: torch.Tensor, rec_u8: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) float in [0, 1]: originals in the top row, their reconstructions beneath."""
-    from torchvision.utils import make_grid as tv_grid
-
-    n = orig_u8.shape[0]
-    both = torch.cat([orig_u8, rec_u8]).float() / 255.0
-    return tv_grid(both, nrow=n, padding=2, pad_value=1.0)
 
 
 def evaluate_reconstruction(

@@ -1,6 +1,6 @@
 import pytest
 
-from tokscale.zero_bench import bench_zero
+from tokscale.tokenizers.zero_bench import bench_zero
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ retry would only hide it. It is not specific to ZeRO-3: in CI a plain two-proces
 then destroy_process_group) aborted the same way once in a few hundred process exits.
 
 What: every process that brought up a process group ends through :func:`finish`: Slurm tasks, ``launch_local``
-workers, ``python -m tokscale.tokenizers.train`` under torchrun, every ``tokscale`` command (tokscale.cli.main),
+workers, ``python -m tokscale.train`` under torchrun, every ``tokscale`` command (tokscale.cli.main),
 ``bench zero`` workers, the tests' worker scripts and the pytest process itself (tests/conftest.py). Once training
 has returned on every rank, a barrier makes sure no rank is still talking to the
 others, logs and std streams are flushed, and ``os._exit`` ends the process at once. Nothing useful happens in

@@ -1,13 +1,12 @@
-"""``tokscale eval recon|stats|probe`` and ``tokscale bench eval``.
+"""``tokscale eval recon|stats|probe``: the tokenizer's evaluation jobs, here, on ``--nproc`` ranks or on Slurm.
 
     tokscale eval recon runs/tok --data /data/in1k/val --inception-weights pt_inception.pth --vgg-weights vgg16.pth
     tokscale eval recon exports/2d-tiny --data embedded --inception-weights pt_inception.pth --no-lpips --nproc 2
     tokscale eval recon runs/tok --data /data/in1k/val ... --submit --gpus-per-node 8 -p gpu -t 60
     tokscale eval stats --data /data/in1k/val --inception-weights pt_inception.pth --resolution 256 val256.npz
     tokscale eval probe runs/tok --train-data /data/in1k/train --eval-data /data/in1k/val --epochs 90
-    tokscale bench eval --inception-weights pt_inception.pth   (random weights when omitted)
 
-Every command builds one :class:`tokscale.evaluation.runner.EvalJobConfig` from its flags (plus dotlist
+Every command builds one :class:`tokscale.tokenizers.eval_runner.EvalJobConfig` from its flags (plus dotlist
 overrides such as ``eval.is_splits=10`` or ``data.num_workers=4``) and runs it in this process, in ``--nproc``
 local processes, or as a Slurm job (``--submit`` with the Slurm flags of ``tokscale submit``).
 """
@@ -39,15 +38,9 @@ def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
     )
     slurm = p.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
     slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
-    from tokscale.jobs.cli import JOB_FLAGS, SHORT
+    from tokscale.jobs.cli import add_slurm_flags
 
-    for flag, dest, typ, help_ in JOB_FLAGS:
-        names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
-        slurm.add_argument(*names, dest=f"job_{dest}", type=typ, default=None, help=help_)
-    slurm.add_argument(
-        "--slurm", action="append", default=[], metavar="OPTION=VALUE", help="other sbatch options"
-    )
-    slurm.add_argument("--job-config", default=None, help="YAML with JobConfig fields; flags override it")
+    add_slurm_flags(slurm)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -103,23 +96,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     probe.set_defaults(func=eval_probe)
 
 
-def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
-    b = bench_sub.add_parser(
-        "eval",
-        help="Inception feature-extraction images/s and seconds per 2048-d Fréchet distance (JSON)",
-        description="tokscale bench eval [--inception-weights PTH] [--batch 50] [--resolution 256] [--device auto]",
-    )
-    b.add_argument("--inception-weights", default=None, help="default: random weights written to a temp file")
-    b.add_argument("--batch", type=int, default=50)
-    b.add_argument("--resolution", type=int, default=256)
-    b.add_argument("--steps", type=int, default=5, help="timed batches after one warmup batch")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    b.set_defaults(func=bench_eval)
-
-
 def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
     from tokscale.config import load_config
-    from tokscale.evaluation.runner import EvalJobConfig
+    from tokscale.tokenizers.eval_runner import EvalJobConfig
 
     dot = [f"task={task}", f"run_dir={args.out or f'eval/{task}'}"] + extra
     flag_map = {
@@ -146,21 +125,21 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
 
 
 def _dispatch(args: argparse.Namespace, cfg) -> int:
-    from tokscale.evaluation.runner import main, write_config
+    from tokscale.tokenizers.eval_runner import main, write_config
 
     if args.submit:
         from tokscale.jobs.cli import job_config_from_args
         from tokscale.jobs.submission import submit
 
         runs = submit(
-            str(write_config(cfg)), [], job_config_from_args(args), trainer="tokscale.evaluation.runner"
+            "tokscale.tokenizers.eval_runner", str(write_config(cfg)), [], job_config_from_args(args)
         )
         print(json.dumps([r.describe() for r in runs], indent=2))
         return 0
     if args.nproc > 1:
         from tokscale.jobs.local import launch_local
 
-        return launch_local(args.nproc, ["-m", "tokscale.evaluation.runner", str(write_config(cfg))])
+        return launch_local(args.nproc, ["-m", "tokscale.tokenizers.eval_runner", str(write_config(cfg))])
     import torch.distributed as dist
 
     try:
@@ -203,10 +182,3 @@ def eval_probe(args: argparse.Namespace) -> int:
     if args.save_features:
         extra.append("save_features=true")
     return _dispatch(args, _job_config(args, "probe", extra))
-
-
-def bench_eval(args: argparse.Namespace) -> int:
-    from tokscale.evaluation.bench import run_bench
-
-    print(json.dumps(run_bench(args.inception_weights, args.batch, args.resolution, args.steps, args.device)))
-    return 0

@@ -7,7 +7,7 @@ from tokscale.jobs.local import launch_local
 EXIT_SCRIPT = textwrap.dedent(
     """
     import atexit, logging, sys
-    from tokscale.jobs.shutdown import exit_process
+    from tokscale.shutdown import exit_process
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
     atexit.register(lambda: print("interpreter teardown ran", flush=True))
     sys.stdout.write("buffered line without newline")  # a pipe is block-buffered: lost by a bare os._exit
@@ -28,7 +28,7 @@ def test_exit_process_flushes_output_and_skips_interpreter_teardown():
 FINISH_SCRIPT = textwrap.dedent(
     """
     import atexit, os, sys, time, torch.distributed as dist
-    from tokscale.jobs.shutdown import finish
+    from tokscale.shutdown import finish
     dist.init_process_group("gloo")
     atexit.register(lambda: open(os.path.join(sys.argv[1], "teardown" + os.environ["RANK"]), "w").close())
     if dist.get_rank() == 1:

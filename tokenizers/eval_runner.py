@@ -1,14 +1,14 @@
 """Evaluation jobs (recon, stats, probe) that run the same way in one process, N local processes or on Slurm.
 
-    python -m tokscale.evaluation.runner EVAL.yaml [OVERRIDES...]        # what every rank runs
+    python -m tokscale.tokenizers.eval_runner EVAL.yaml [OVERRIDES...]   # what every rank runs
     tokscale eval recon runs/tok --data /data/in1k/val --nproc 4          # writes EVAL.yaml, launches it
     tokscale eval recon runs/tok --data /data/in1k/val --submit --gpus-per-node 8   # the same as a Slurm job
 
 Each rank reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (tokscale.distributed), takes its share of the
 evaluation stream and merges running sums at the end; rank 0 writes the outputs into ``run_dir``:
 ``metrics.json``, TensorBoard scalars under ``tb/`` (plus ``metrics.jsonl``) and ``grid.png`` (originals above
-reconstructions). The module offers ``load_train_config`` and ``main(cfg, should_stop)``, the interface the
-Slurm job of tokscale.jobs runs, so submission reuses it unchanged.
+reconstructions). The module is a runnable (tokscale.registry): ``load_config`` and ``main(cfg, should_stop)``,
+which the Slurm job of tokscale.jobs runs, so submission reuses it unchanged.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class EvalJobConfig:
             raise ValueError("task=probe needs probe_train_shards=SHARDS (the probe's training images)")
 
 
-def load_train_config(path, overrides=()) -> EvalJobConfig:
-    """The job's config (named as tokscale.jobs' Slurm job expects of any runnable module)."""
+def load_config(path, overrides=()) -> EvalJobConfig:
+    """The job's config (the runnable interface that tokscale.jobs' Slurm job calls)."""
     from tokscale.config import load_config
 
     return load_config(EvalJobConfig, path, list(overrides))
@@ -109,8 +109,8 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def run_recon(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
     from tokscale.data.stream import EvalStream
-    from tokscale.evaluation.recon import ReconEvaluator
     from tokscale.logger import MetricLogger
+    from tokscale.tokenizers.recon_eval import ReconEvaluator
 
     tok = _load_tokenizer(cfg, device)
     lpips_module = None
@@ -139,9 +139,9 @@ def run_recon(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
         logger.scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()})
         if result.grid is not None:
             logger.image(step, "eval/reconstructions", result.grid)
-            from torchvision.utils import save_image
+            from tokscale.images import save_png
 
-            save_image(result.grid, out / "grid.png")
+            save_png(result.grid, out / "grid.png")
         logger.close()
         _write_json(
             out / "metrics.json",
@@ -260,9 +260,9 @@ def main(cfg: EvalJobConfig, should_stop=None) -> dict:
     return {"status": "finished", "task": cfg.task, "result": result}
 
 
-if __name__ == "__main__":  # python -m tokscale.evaluation.runner EVAL.yaml [OVERRIDES...]
+if __name__ == "__main__":  # python -m tokscale.tokenizers.eval_runner EVAL.yaml [OVERRIDES...]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tokscale.jobs.shutdown import finish
+    from tokscale.shutdown import finish
 
-    main(load_train_config(sys.argv[1], sys.argv[2:]))
+    main(load_config(sys.argv[1], sys.argv[2:]))
     finish(0)

@@ -57,14 +57,14 @@ def _worker(rank: int, world_size: int, port: int, stage: int, preset: str, imag
     import deepspeed
 
     from tokscale.distributed import init_distributed
-    from tokscale.tokenizers.cli import _model_config
     from tokscale.tokenizers.model import VQTokenizer
+    from tokscale.tokenizers.presets import preset_config
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     d = init_distributed()
     torch.manual_seed(0)
     base = live_tensor_bytes()
-    cfg = _model_config(preset, [f"image_size={image_size}"])
+    cfg = preset_config(preset, [f"image_size={image_size}"])
     model = VQTokenizer(cfg, with_projector=False)
     psi = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -96,9 +96,9 @@ def _worker(rank: int, world_size: int, port: int, stage: int, preset: str, imag
     engine.step()
     state_bytes = max(after_backward, live_tensor_bytes() - base)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"bytes": state_bytes, "params": psi}))
-    from tokscale.jobs.shutdown import finish
+    from tokscale.shutdown import finish
 
-    finish(0)  # barrier, then os._exit: gloo's threads can abort interpreter teardown (jobs/README.md)
+    finish(0)  # barrier, then os._exit: gloo's threads can abort interpreter teardown (tokscale.shutdown)
 
 
 def measure(stage: int, preset: str, world_size: int, image_size: int) -> dict:

@@ -1,0 +1,47 @@
+"""The process entry of every trainer: what torchrun, ``tokscale train --nproc`` ranks and scripts run.
+
+    python -m tokscale.train tokenizer tokenizer/demo train.max_steps=50
+    torchrun --nproc_per_node 8 -m tokscale.train tokenizer tokenizer/gigatok model.preset=1d-B-L train.zero_stage=3
+
+NAME is a registered trainer (tokscale.registry) or ``module:Class`` / ``file.py:Class``. Each rank reads RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; rank 0 prints the result as JSON. The process ends through
+tokscale.shutdown.finish (barrier, flush, os._exit), which skips the interpreter teardown that races gloo's
+threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+
+def run(name: str, config, overrides=(), should_stop=None) -> dict:
+    """Load NAME's config (schema -> preset -> YAML -> overrides) and train it in this process."""
+    from tokscale.registry import resolve_runnable
+
+    runnable = resolve_runnable(name)
+    cfg = runnable.load_config(config, list(overrides))
+    return runnable.main(cfg, should_stop=should_stop)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    result = run(argv[0], argv[1], argv[2:])
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from tokscale.shutdown import finish
+
+    finish(cli_main())
