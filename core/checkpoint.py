@@ -31,6 +31,7 @@ from tokscale.distributed import barrier
 log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL = "universal"  # the world-size-independent copy of an engine checkpoint, beside engine/
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
@@ -159,8 +160,6 @@ def prepare_universal(path: Path, rank: int) -> None:
         os.replace(tmp, target)
     barrier()
 
-
-UNIVERSAL = "universal"
 
 
 def load_checkpoint(

@@ -90,14 +90,6 @@ def _expand_local(part: str) -> list[str]:
     raise FileNotFoundError(f"shard {path} does not exist")
 
 
-def shard_name(url: str) -> str:
-    """The file name of a shard, for messages and manifest look-ups (``pipe:... x.tar -`` -> ``x.tar``)."""
-    for token in reversed(url.split()):
-        if token.endswith(".tar") or ".tar" in token:
-            return os.path.basename(token.rstrip("/"))
-    return os.path.basename(url)
-
-
 def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():

@@ -168,3 +168,28 @@ def test_the_time_limit_signal_saves_a_checkpoint_and_max_requeues_ends_the_job(
     step = results[0]["step"]
     assert 0 <= step < 1000 and run_status(run.run_dir)["checkpoint_step"] == step
     assert slurm_cluster.final_state(run.job_id) == "COMPLETED"
+
+
+def test_a_registered_toy_task_trains_on_two_nodes_through_tokscale_submit(
+    slurm_cluster, tmp_path, monkeypatch, capsys
+):
+    """The second trainer of tests/core (a Task on the shared loop, a real DeepSpeed engine) on the cluster."""
+    import submitit
+
+    from tokscale.registry import TRAINERS_ENV
+
+    toy_task = Path(__file__).resolve().parent.parent / "core" / "toy_task.py"
+    monkeypatch.setenv(TRAINERS_ENV, f"toy={toy_task}:ToyTask")
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ntrain:\n  max_steps: 3\n")
+    argv = ["submit", "toy", str(cfg), "--nodes", "2", "--time", "5", "--signal-delay-s", "30", "--json"]
+    assert cli_main(argv) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    job = submitit.SlurmJob(folder=Path(run["stdout"]).parent, job_id=run["job_id"], tasks=(0, 1))
+    results = slurm_cluster.wait_for(job, timeout_s=240)
+    assert [(r["status"], r["step"]) for r in results] == [("done", 3), ("done", 3)]
+    rows = slurm_cluster.metrics(run["run_dir"])
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/rank"] == 0.5 for r in rows)
+    info = json.loads((Path(run["run_dir"]) / "run_info.jsonl").read_text().splitlines()[-1])
+    assert info["trainer"] == "toy" and info["world_size"] == 2
+    assert slurm_cluster.final_state(run["job_id"]) == "COMPLETED"
