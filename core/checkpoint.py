@@ -15,6 +15,7 @@ always the resume point. Rename is atomic on a POSIX file system (and on the sha
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -79,6 +80,79 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+FAULT_ENV = "TOKSCALE_FAULT"
+FAULT_POINTS = ("tmp_made", "engine_half", "engine_written", "complete_written", "before_rename", "pruning")
+FAULT_EXIT_CODE = 137  # what a SIGKILL gives
+
+
+class CheckpointSpaceError(ValueError):
+    """A checkpoint that cannot be written for lack of disk space; the message names the last complete one."""
+
+
+def fault_point(point: str, step: int, rank: int, path: Path | None = None) -> None:
+    """Test hook: ``TOKSCALE_FAULT=POINT[@STEP][:RANK]`` ends this process at once (as a SIGKILL would, no
+    cleanup) when a save reaches POINT (one of FAULT_POINTS), at that step and rank only when given.
+    ``engine_half`` first truncates the engine's largest file to half its size, as a crash mid-write leaves it."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    where, _, only_rank = spec.partition(":")
+    name, _, at_step = where.partition("@")
+    if name not in FAULT_POINTS:
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r}: expected POINT[@STEP][:RANK] with POINT one of {FAULT_POINTS}"
+        )
+    if name != point or (at_step and int(at_step) != step) or (only_rank and int(only_rank) != rank):
+        return
+    if point == "engine_half" and path is not None:
+        files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        if files:
+            with open(files[-1], "r+b") as f:
+                f.truncate(files[-1].stat().st_size // 2)
+    log.warning("%s: ending the process at %s (step %d, rank %d)", FAULT_ENV, point, step, rank)
+    os._exit(FAULT_EXIT_CODE)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _is_no_space(err: BaseException) -> bool:
+    text = str(err)
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
+        "No space left" in text or "unexpected pos" in text or "file write failed" in text
+    )
+
+
+def _space_message(root: Path, step: int, free: int | None, need: int | None, last: Path | None) -> str:
+    where = f"{root} has {free / 2**20:.1f} MiB free" if free is not None else f"{root} ran out of space"
+    size = f" and the last checkpoint took {need / 2**20:.1f} MiB" if need is not None else ""
+    keep = (
+        f"the last complete checkpoint {last} is intact; free space (or lower train.keep_last) and rerun the same "
+        "command to resume from it"
+        if last is not None
+        else "no complete checkpoint exists yet; free space and rerun the same command"
+    )
+    return f"cannot save the checkpoint of step {step}: {where}{size}; {keep}"
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Rank 0 at start: ``.tmp_*`` folders under ckpt/ are saves or prunes that a crash interrupted; they are
+    incomplete by construction (a save is renamed into place only when complete), so they go."""
+    root = ckpt_root(run_dir)
+    stale = sorted(p for p in root.iterdir() if p.name.startswith(".tmp_")) if root.is_dir() else []
+    for p in stale:
+        if p.name.startswith(".tmp_replaced_"):  # a complete checkpoint set aside for a same-step save
+            original = p.with_name(p.name[len(".tmp_replaced_") :])
+            if not original.exists() and (p / "COMPLETE").is_file():
+                os.replace(p, original)
+                log.info("restored %s, set aside by an interrupted save", original)
+                continue
+        shutil.rmtree(p, ignore_errors=True)
+        log.info("removed %s, left by an interrupted save", p)
+    return stale
+
+
 def save_checkpoint(
     engine,
     run_dir: str | Path,
@@ -88,39 +162,80 @@ def save_checkpoint(
     rank_state: dict,
     trainer_state: dict,
     keep_last: int,
+    device: torch.device | str = "cpu",
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path.
+
+    Refuses (:class:`CheckpointSpaceError`, on every rank) when the free space is below the size of the last
+    complete checkpoint, and turns a disk that fills during the save into the same error; either way the last
+    complete checkpoint is untouched and the partial folder is removed."""
+    from tokscale.distributed import any_rank
+
+    root = ckpt_root(run_dir)
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp_" + final.name)
+    last = latest_checkpoint(run_dir)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt that died mid-save
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step})
-    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        torch.save(trainer_state, tmp / "trainer.pt")
-    barrier()
+    need = checkpoint_bytes(last[1]) if last is not None else None
+    free = shutil.disk_usage(root).free
+    if any_rank(need is not None and free < need, device):
+        raise CheckpointSpaceError(_space_message(root, step, free, need, last[1] if last else None))
+    failure: BaseException | None = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt that died mid-save
+            tmp.mkdir(parents=True)
+        barrier()
+        fault_point("tmp_made", step, rank)
+        engine.save_checkpoint(str(tmp), tag="engine", client_state={"step": step})
+        fault_point("engine_half", step, rank, tmp / "engine")
+        fault_point("engine_written", step, rank)
+        torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            torch.save(trainer_state, tmp / "trainer.pt")
+    except (OSError, RuntimeError) as err:
+        if not _is_no_space(err):
+            raise
+        failure = err
+    if any_rank(failure is not None, device):  # every rank leaves together, none waits in a barrier
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = _space_message(root, step, shutil.disk_usage(root).free, need, last[1] if last else None)
+        raise CheckpointSpaceError(message) from failure
     if rank == 0:
         with open(tmp / "COMPLETE", "w") as f:
             json.dump({"step": step, "world_size": world_size}, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # same step saved again (e.g. a stop right after a cadence save)
-            shutil.rmtree(final)
+        fault_point("complete_written", step, rank)
+        old = None
+        if final.exists():  # same step saved again (a stop right after a cadence save): set it aside first
+            old = final.with_name(".tmp_replaced_" + final.name)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        fault_point("before_rename", step, rank)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        prune(run_dir, keep_last)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep_last, step)
         log.info("saved checkpoint %s", final)
     barrier()
     return final
 
 
-def prune(run_dir: str | Path, keep_last: int) -> None:
+def prune(run_dir: str | Path, keep_last: int, step: int = 0) -> None:
+    """Remove all but the newest ``keep_last`` complete checkpoints. Each is first renamed out of the way (one
+    atomic step), so a crash mid-removal leaves a ``.tmp_`` folder, never a half-deleted checkpoint."""
     if keep_last <= 0:
         return
     for _, path in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(".tmp_pruned_" + path.name)
+        os.replace(path, doomed)
+        fault_point("pruning", step, 0, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def saved_world_size(path: Path) -> int:
@@ -159,7 +274,6 @@ def prepare_universal(path: Path, rank: int) -> None:
         )
         os.replace(tmp, target)
     barrier()
-
 
 
 def load_checkpoint(

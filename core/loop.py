@@ -121,6 +121,7 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
         load_checkpoint,
         needs_universal,
         prepare_universal,
+        remove_stale_temporaries,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -133,6 +134,7 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
     tc = cfg.train
     if d.is_main:
         prepare_run_dir(task_cls, cfg, d.world_size)
+        remove_stale_temporaries(cfg.run_dir)  # so that a rerun after a crash or a full disk has room to save
     barrier()
     bf16 = use_bf16(tc.precision)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -159,6 +161,9 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
     )
     stream = task.data_stream()
 
+    # float64 sums since the last log, kept on the device (no host sync per step), and how many values each
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     step = 0
     if resume is not None:
         trainer_state, rank_state = load_checkpoint(engine, resume[1], d.rank, d.world_size, universal)
@@ -170,6 +175,9 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
         if "rng" in rank_state:
             set_rng_state(rank_state["rng"])
             task.load_rank_state(rank_state.get("task", {}))
+            saved = rank_state.get("loop", {})
+            sums = {k: v.to(d.device) for k, v in saved.get("sums", {}).items()}
+            counts = dict(saved.get("counts", {}))
         else:
             log.warning("world size changed since step %d: RNG streams and per-rank task state restart", step)
         log.info("resumed from %s at step %d", resume[1], step)
@@ -181,22 +189,26 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
             at_step,
             d.rank,
             d.world_size,
-            rank_state={"rng": rng_state(), "data": stream.state_dict(), "task": task.rank_state()},
+            rank_state={
+                "rng": rng_state(),
+                "data": stream.state_dict(),
+                "task": task.rank_state(),
+                # the partial averages of the current log interval, so a resumed run logs what it would have
+                "loop": {"sums": {k: v.cpu() for k, v in sums.items()}, "counts": dict(counts)},
+            },
             trainer_state={
                 "step": at_step,
                 **{k: (v.state_dict() if v is not None else None) for k, v in side.items()},
                 "config": to_dict(cfg),
             },
             keep_last=tc.keep_last,
+            device=d.device,
         )
 
     metrics_log = MetricLogger(cfg.run_dir, d.is_main)
     data_it = iter(stream)
     status = "done"
     t_last, samples_since = time.time(), 0
-    # float64 sums since the last log, kept on the device (no host sync per step), and how many values each
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
     bar = tqdm(
         total=tc.max_steps, initial=step, disable=not (d.is_main and tc.progress), desc="train", unit="step"
     )

@@ -136,6 +136,19 @@ class TokenizerTask(Task):
     def log_values(self, engine) -> dict[str, float]:
         return self.quantizer.usage_stats()
 
+    def rank_state(self) -> dict:
+        """This rank's codebook-usage window (a metric only, so not in the weights): logged usage and
+        perplexity resume exactly."""
+        q = self.quantizer
+        return {"usage_window": q.usage_window.cpu(), "usage_pos": q.usage_pos.cpu()}
+
+    def load_rank_state(self, state: dict) -> None:
+        q = self.quantizer
+        window = state.get("usage_window")
+        if window is not None and window.shape == q.usage_window.shape:
+            q.usage_window.copy_(window)
+            q.usage_pos.copy_(state["usage_pos"])
+
     def on_images(self, step: int, logger) -> None:
         from tokscale.images import image_grid, save_png, to_unit
 

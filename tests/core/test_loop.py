@@ -90,6 +90,26 @@ def test_a_stop_request_saves_and_the_rerun_resumes_exactly_with_the_side_state(
     assert not all(torch.equal(stopped_ema[k], final_a[k]) for k in final_a)  # the EMA did move after resume
 
 
+def test_a_resume_between_log_steps_logs_the_same_interval_averages(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(ToyTask, cfg(full, "train.log_every=3", "train.max_steps=6"))
+    train(ToyTask, cfg(split, "train.log_every=3", "train.max_steps=6"), should_stop=StopAfter(2))
+    train(ToyTask, cfg(split, "train.log_every=3", "train.max_steps=6"))
+    assert sorted(losses(full)) == [3, 6]
+    assert losses(split) == losses(full)  # steps 1-2 of the first interval came back with the checkpoint
+
+
+def test_stale_temporary_folders_of_a_crashed_save_are_removed_at_start(full, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "stale"
+    shutil.copytree(full, run_dir)
+    (run_dir / "ckpt" / ".tmp_step_00000010" / "engine").mkdir(parents=True)
+    (run_dir / "ckpt" / ".tmp_pruned_step_00000004").mkdir()
+    train(ToyTask, cfg(run_dir, "train.max_steps=10"))
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["step_00000008", "step_00000010"]
+
+
 def test_without_the_saved_side_state_the_resume_would_differ(full, tmp_path):
     """The side-state test above could not pass by luck: drop the EMA from the checkpoint and it diverges."""
     run_dir = tmp_path / "lost"

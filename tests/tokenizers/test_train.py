@@ -32,6 +32,14 @@ def test_stopped_and_resumed_run_ends_with_the_same_losses_and_weights_as_an_uni
     assert losses(run_dir) == pytest.approx(losses(full_run), rel=1e-6)
     a, b = state_dict_from(run_dir), state_dict_from(full_run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # what users watch resumes too: the usage window is saved per rank with the checkpoint
+    for key in ("train/codebook_usage", "train/codebook_perplexity"):
+        assert logged(run_dir, key) == logged(full_run, key), key
+
+
+def logged(run_dir, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def test_run_directory_holds_config_commit_logs_grid_and_the_last_checkpoints(full_run):
