@@ -2,6 +2,7 @@
 
 tokscale data shards /data/imagenet/train /data/in1k/train --samples-per-shard 1000
 tokscale data shards val_list.txt /data/in1k/val --prefix val
+tokscale data verify /data/in1k/train --workers 8
 tokscale data info /data/in1k/train
 tokscale data embedded
 tokscale bench data --num-images 384
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+
+log = logging.getLogger(__name__)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +58,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="check each image by decoding it fully (default) or by its header only (faster)",
     )
     shards.set_defaults(func=shards_command)
+
+    verify = data_sub.add_parser(
+        "verify",
+        help="check shards against their manifest.json: size, sha256 and sample count (JSON)",
+        description=(
+            "Check every shard SHARDS names (a path, folder, brace pattern, glob or '::'-joined list, as the "
+            "streams take) against the manifest.json that `tokscale data shards` wrote beside it: file size, "
+            "sha256 and the number of samples with an image member. Missing shards, shards the manifest does "
+            "not list and shards without a manifest are bad; remote shards (pipe:, URLs) are not checked. "
+            "Prints one JSON object; exits 2 naming the first bad shard when any is bad."
+        ),
+    )
+    verify.add_argument("shards", metavar="SHARDS", help="shard location, or 'embedded'")
+    verify.add_argument(
+        "--workers", type=int, default=None, help="shards checked in parallel (default: min(8, CPU count))"
+    )
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="machine mode: only the JSON object (no progress bar, no per-shard log lines on stderr)",
+    )
+    verify.set_defaults(func=verify_command)
 
     info = data_sub.add_parser(
         "info",
@@ -116,9 +142,24 @@ def shards_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_command(args: argparse.Namespace) -> int:
+    from tokscale.data.verify import VerifyConfig, verify_shards
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected at least 1")
+    report = verify_shards(args.shards, VerifyConfig(workers=args.workers or 0, progress=not args.json))
+    if not args.json:
+        for item in report.bad:
+            log.warning("bad shard %s", item.line())
+    print(json.dumps(report.to_dict()), flush=True)
+    if report.bad:
+        # After the JSON, so scripts get the full list; the central handler prints this line and exits 2.
+        raise ValueError(report.error_message())
+    return 0
+
+
 def info_command(args: argparse.Namespace) -> int:
-    from tokscale.data.locations import manifest_classes, manifest_counts
-    from tokscale.data.stream import resolve_shards
+    from tokscale.data.locations import manifest_classes, manifest_counts, resolve_shards
 
     urls = resolve_shards(args.location, "train")
     counts = manifest_counts(urls)

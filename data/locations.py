@@ -11,7 +11,8 @@ A location string names one or more tar shards:
 
 Local locations are checked up front so that a typo fails before any worker starts; remote ones are opened
 lazily by the reading process. A manifest.json next to local shards (written by ``tokscale data shards``) gives
-per-shard sample counts, which the evaluation split and the truncation check use.
+per-shard sample counts, which the evaluation split and the truncation check use, and per-shard byte sizes,
+which the readers compare with the file when they open it (``ManifestCount``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ MANIFEST_NAME = "manifest.json"
 
 def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
+
+
+def resolve_shards(spec: str, split: str, cache_dir: str = "") -> list[str]:
+    """The shard list of a location string; ``embedded`` builds (once) and names the embedded dataset."""
+    if spec.strip() == "embedded":
+        from tokscale.data.embedded import embedded_shards
+
+        spec = embedded_shards(cache_dir or None, split=split)
+    return expand_shards(spec)
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -100,9 +110,31 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise ValueError(f"manifest {path} is not valid JSON: {err}") from err
 
 
+class ManifestCount(int):
+    """A shard's sample count from its manifest.json, carrying the byte size the manifest records with it.
+
+    An int, so everything that adds, compares or splits counts (the evaluation ranges, ``tokscale data info``)
+    works unchanged, while the reader that opens the shard (``samples.iter_raw_samples``, in whichever loader
+    worker that happens) can compare the file's size with ``size`` at one stat per shard. ``size`` is None for
+    manifests that do not record it (token shards).
+    """
+
+    size: int | None
+    manifest: str
+
+    def __new__(cls, count: int, size: int | None, manifest: str) -> ManifestCount:
+        self = super().__new__(cls, count)
+        self.size, self.manifest = size, manifest
+        return self
+
+    def __reduce__(self):
+        # Loader workers started with spawn/forkserver receive the counts pickled: keep size and manifest.
+        return (ManifestCount, (int(self), self.size, self.manifest))
+
+
 def manifest_counts(urls: list[str]) -> list[int | None]:
-    """Per-shard sample counts from the manifest.json next to each local shard (None where unknown)."""
-    cache: dict[str, dict[str, int]] = {}
+    """Per-shard sample counts (``ManifestCount``) from the manifest.json next to each local shard (None where unknown)."""
+    cache: dict[str, dict[str, ManifestCount]] = {}
     counts: list[int | None] = []
     for url in urls:
         if is_remote(url):
@@ -111,8 +143,16 @@ def manifest_counts(urls: list[str]) -> list[int | None]:
         directory = os.path.dirname(os.path.abspath(url))
         if directory not in cache:
             manifest = read_manifest(directory)
+            path = os.path.join(directory, MANIFEST_NAME)
             cache[directory] = (
-                {s["name"]: int(s["count"]) for s in manifest.get("shards", [])} if manifest else {}
+                {
+                    s["name"]: ManifestCount(
+                        int(s["count"]), int(s["size"]) if s.get("size") is not None else None, path
+                    )
+                    for s in manifest.get("shards", [])
+                }
+                if manifest
+                else {}
             )
         counts.append(cache[directory].get(os.path.basename(url)))
     return counts

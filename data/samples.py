@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from tokscale.data.locations import is_remote
+from tokscale.data.locations import ManifestCount, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ def iter_raw_samples(url: str, expected_count: int | None = None) -> Iterator[Ra
     Raises ShardError naming the shard (and the last good key) for a missing, truncated or corrupt tar, and
     when the shard ends before the count its manifest records: Python's tarfile treats a garbage header in the
     middle of a stream as the end of the archive, so without that check a damaged shard would end silently.
+    When ``expected_count`` comes from ``locations.manifest_counts`` (a ``ManifestCount``) it also carries the
+    byte size the manifest records, and a local shard of another size is refused as soon as it is opened.
     """
     last_key = None
     count = 0
@@ -77,6 +79,8 @@ def iter_raw_samples(url: str, expected_count: int | None = None) -> Iterator[Ra
         stream = open_shard(url)
     except OSError as err:
         raise ShardError(f"shard {url}: cannot open ({err})") from err
+    if isinstance(expected_count, ManifestCount) and expected_count.size is not None and not is_remote(url):
+        check_shard_size(url, stream, expected_count)
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             current: RawSample | None = None
@@ -124,6 +128,24 @@ def iter_raw_samples(url: str, expected_count: int | None = None) -> Iterator[Ra
             f"shard {url}: read {count} samples but its manifest records {expected_count}: the tar is truncated "
             f"or corrupt (last key {last_key!r})"
         )
+
+
+def check_shard_size(url: str, stream, expected: ManifestCount) -> None:
+    """Refuse a local shard whose size differs from its manifest entry (one fstat, no hashing); closes it then.
+
+    A shard truncated by a failed copy can still end at a member boundary and read as a shorter valid tar; the
+    count check would only notice at its end, after the samples before the cut were trained on.
+    """
+    found = os.fstat(stream.fileno()).st_size
+    if found == expected.size:
+        return
+    _close_quietly(stream)
+    raise ShardError(
+        f"shard {url}: {found} bytes, but {expected.manifest} records {expected.size} bytes for it: the file "
+        f"changed after `tokscale data shards` wrote it (truncated, partly copied or replaced). Check the set "
+        f"with `tokscale data verify {os.path.dirname(url) or '.'}` and re-create the shards with "
+        f"`tokscale data shards` (or copy them again)"
+    )
 
 
 def _close_quietly(stream) -> None:

@@ -19,6 +19,8 @@ Guarantees (tested in tests/data/):
   number and anything scheduled on it carry on) and continues with the new layout's deterministic stream from
   that batch; it does not try to avoid samples already seen (training samples shards with replacement anyway).
 - Evaluation: each sample exactly once across all ranks and workers, no padding, in a stable order.
+- Both refuse a local shard whose size differs from its manifest.json entry, with a ShardError naming the shard
+  and both sizes, when the shard is opened (one stat, in the loader worker that opens it; ``ManifestCount``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from tokscale.data.locations import expand_shards, manifest_counts
+from tokscale.data.locations import manifest_counts, resolve_shards
 from tokscale.data.samples import ShardError, check_policy, iter_raw_samples
 from tokscale.data.sampling import EvalRanges, TrainShards, split_range
 from tokscale.data.transforms import CROPS, ImageTransform
@@ -68,15 +70,6 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)}: expected >= 0")
         if self.crop_ratio < 1.0:
             raise ValueError(f"data.crop_ratio={self.crop_ratio}: expected >= 1.0")
-
-
-def resolve_shards(spec: str, split: str, cache_dir: str = "") -> list[str]:
-    """The shard list of a location string; ``embedded`` builds (once) and names the embedded dataset."""
-    if spec.strip() == "embedded":
-        from tokscale.data.embedded import embedded_shards
-
-        spec = embedded_shards(cache_dir or None, split=split)
-    return expand_shards(spec)
 
 
 def _check_rank(rank: int, world_size: int) -> None:
