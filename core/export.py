@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -61,11 +60,29 @@ def trainer_name(cfg: dict, where: str | Path = "") -> str:
     return DEFAULT_TRAINER
 
 
-def state_dict_from(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights of an export, or of a run directory's newest complete checkpoint (consolidated to fp32)."""
+def weights_sha256(folder: str | Path) -> str | None:
+    """The sha256 of an export's weights as its SHA256SUMS records it (None for a run directory)."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return None
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if name.strip() == WEIGHTS:
+            return digest
+    return None
+
+
+def state_dict_from(path: str | Path, verify_export: bool = False) -> dict[str, torch.Tensor]:
+    """Weights of an export, or of a run directory's newest complete checkpoint (consolidated to fp32).
+    ``verify_export``: check an export's files against its SHA256SUMS first (the command line does by default)."""
     path = Path(path)
     if is_export(path):
         from safetensors.torch import load_file
+
+        if verify_export and (path / MANIFEST).is_file():
+            verify(path)
+        elif verify_export:
+            log.warning("%s has no %s: its files cannot be checked", path, MANIFEST)
 
         return load_file(str(path / WEIGHTS))
     found = latest_checkpoint(path)
@@ -121,13 +138,15 @@ library_name: tokscale
 """
 
 
-def export(run_dir: str | Path, out: str | Path) -> Path:
-    """Consolidate the newest complete checkpoint of any registered trainer's run into ``out``."""
-    from safetensors.torch import save_file
+def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Consolidate the newest complete checkpoint of any registered trainer's run into ``out``. A previous export
+    there is replaced; a folder with other files is refused unless ``overwrite`` (which keeps those files)."""
 
+    from tokscale.outputs import check_target, output_folder
     from tokscale.registry import trainer
 
     run_dir, out = Path(run_dir), Path(out)
+    check_target(out, "export", overwrite)  # before the (slow) consolidation
     found = latest_checkpoint(run_dir)
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under ckpt/ to export")
@@ -149,22 +168,27 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     metrics = eval_metrics(run_dir)
     params = sum(v.numel() for v in state.values())
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with output_folder(out, "export", overwrite) as tmp:
+        _write_export(
+            tmp, state, cfg, name, training, metrics, task_cls.model_card(cfg, training, metrics, params)
+        )
+    return out
+
+
+def _write_export(
+    tmp: Path, state: dict, cfg: dict, name: str, training: dict, metrics: dict, card: str
+) -> None:
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
     (tmp / CONFIG).write_text(
         OmegaConf.to_yaml({"schema": name, **{k: v for k, v in cfg.items() if k != "schema"}})
     )
     (tmp / TRAINING).write_text(json.dumps(training, indent=2))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "README.md").write_text(task_cls.model_card(cfg, training, metrics, params))
+    (tmp / "README.md").write_text(card)
     sums = [f"{sha256(p)}  {p.name}" for p in sorted(tmp.iterdir())]
     (tmp / MANIFEST).write_text("\n".join(sums) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def verify(folder: str | Path) -> None:

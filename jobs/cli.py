@@ -129,6 +129,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     export.add_argument("run_dir")
     export.add_argument("out")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT even when it holds other files (they are kept; only the export's files are replaced)",
+    )
     export.set_defaults(func=export_command)
 
     publish = sub.add_parser(
@@ -201,7 +206,7 @@ def submit_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from tokscale.export import export
 
-    print(json.dumps({"exported": str(export(args.run_dir, args.out))}))
+    print(json.dumps({"exported": str(export(args.run_dir, args.out, overwrite=args.overwrite))}))
     return 0
 
 

@@ -30,6 +30,10 @@ def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
     )
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--out", default=None, help="output folder (default: eval/<command>)")
+    if tokenizer:
+        p.add_argument(
+            "--no-verify", action="store_true", help="skip checking an export's files against its SHA256SUMS"
+        )
     p.add_argument(
         "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
     )
@@ -115,6 +119,8 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
     resolution = args.resolution
     if tokenizer:
         dot.append(f"tokenizer={tokenizer}")
+        if args.no_verify:
+            dot.append("verify_weights=false")
         if resolution is None:  # the tokenizer's own resolution
             from tokscale.tokenizers.load import model_config_from
 

@@ -41,6 +41,7 @@ class EvalJobConfig:
     probe_method: str = "both"  # lars (the MAE protocol) | logistic (quick) | both
     num_classes: int = 0  # 0: the largest label seen + 1
     save_features: bool = False  # task=probe: also write run_dir/features.pt (all ranks' features, for reuse)
+    verify_weights: bool = True  # check an exported tokenizer against its SHA256SUMS before loading it
     data: DataConfig = field(default_factory=lambda: DataConfig(crop="adm_center", hflip=False))
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -91,7 +92,7 @@ def _checkpoint_step(path: str) -> int:
 def _load_tokenizer(cfg: EvalJobConfig, device):
     from tokscale.tokenizers.load import load_tokenizer
 
-    tok = load_tokenizer(cfg.tokenizer, device=device)
+    tok = load_tokenizer(cfg.tokenizer, device=device, verify=cfg.verify_weights)
     if tok.image_size != cfg.data.resolution:
         raise ValueError(
             f"data.resolution={cfg.data.resolution} but the tokenizer {cfg.tokenizer} works at "
@@ -109,6 +110,7 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def run_recon(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
     from tokscale.data.stream import EvalStream
+    from tokscale.export import weights_sha256
     from tokscale.logger import MetricLogger
     from tokscale.tokenizers.recon_eval import ReconEvaluator
 
@@ -148,6 +150,8 @@ def run_recon(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
             {
                 "metrics": metrics,
                 "tokenizer": str(cfg.tokenizer),
+                "weights_sha256": weights_sha256(cfg.tokenizer),  # None for a run directory
+                "weights_verified": bool(cfg.verify_weights and weights_sha256(cfg.tokenizer)),
                 "step": step,
                 "data": cfg.data.eval_shards,
                 "reference": cfg.eval.reference_stats or "same evaluation crops",

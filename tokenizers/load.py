@@ -36,8 +36,9 @@ def model_config_from(path: str | Path):
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """init_from: weights only (no optimizer, step or data position). The semantic projector may be absent."""
-    state = state_dict_from(path)
+    """init_from: weights only (no optimizer, step or data position). The semantic projector may be absent.
+    An export is checked against its SHA256SUMS first."""
+    state = state_dict_from(path, verify_export=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [k for k in missing if not k.startswith("semantic_projector.")]
     bad_unexpected = [k for k in unexpected if not k.startswith("semantic_projector.")]
@@ -48,12 +49,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     log.info("initialised weights from %s", path)
 
 
-def load_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
-    """A ready VQTokenizer (eval mode) from a run directory or an exported tokenizer folder."""
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
+    """A ready VQTokenizer (eval mode) from a run directory or an exported tokenizer folder. ``verify``: check an
+    export's files against its SHA256SUMS first (a changed or corrupt file is an error naming it)."""
     from tokscale.tokenizers.model import VQTokenizer
 
     cfg = model_config_from(path)
-    state = state_dict_from(path)
+    state = state_dict_from(path, verify_export=verify)
     with_projector = any(k.startswith("semantic_projector.") for k in state)
     model = VQTokenizer(cfg, with_projector=with_projector)
     model.load_state_dict(state, strict=True)

@@ -44,6 +44,9 @@ def test_eval_recon_writes_metrics_json_tensorboard_and_a_grid(tiny_export, data
     report = json.loads((out / "metrics.json").read_text())
     m = report["metrics"]
     assert m["num_samples"] == 8 and m["codebook_size"] == 4096
+    assert (
+        report["weights_sha256"] is None and report["weights_verified"] is False
+    )  # no SHA256SUMS: not checked
     assert 0 < m["codebook_usage"] <= 1 and m["ssim_dr2"] > m["ssim_dr1"]
     assert report["protocol"]["resolution"] == 32 and report["protocol"]["crop"] == "adm_center"
     assert (out / "grid.png").is_file() and any((out / "tb").iterdir())
