@@ -8,6 +8,12 @@
     tokscale data shards SRC OUT
     tokscale bench tokenizer 2d-tiny
 
+Every failure goes through tokscale.errors.report: an expected one (bad data, config, weights, a missing file,
+a full disk, a failed rank) prints one line ``tokscale: error: ...`` and exits 2, a bug prints its traceback too
+and exits 1; the traceback always goes to a log file the line names (a command can choose the folder by setting
+``args.log_dir``; training logs into RUN_DIR/logs). ``--debug``, accepted before or after the subcommand, prints
+every traceback on the screen; ``-v`` is debug logging.
+
 Each area registers its own subcommands (``add_commands(subparsers)`` / ``add_bench_commands(bench_sub)`` in a
 module named in the ``tokscale.commands`` entry-point group of pyproject.toml), so this file, in the base package,
 imports no trainer and no launcher; heavy imports (torch, deepspeed) happen inside the command functions, never at
@@ -21,7 +27,7 @@ import importlib
 import logging
 import sys
 
-from tokscale.config import ConfigError
+from tokscale.errors import report
 from tokscale.registry import command_modules
 
 BASE_COMMANDS = "tokscale.commands"  # config show, bench eval
@@ -33,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and publish GigaTok-style visual tokenizers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a failure, print the traceback here too (it is always logged)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -43,7 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in modules:
         if hasattr(mod, "add_bench_commands"):
             mod.add_bench_commands(bench_sub)
+    _accept_debug_anywhere(parser)
     return parser
+
+
+def _accept_debug_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Add ``--debug`` to every subcommand too: the error line says "rerun with --debug", and the natural way
+    to do that is to append it. SUPPRESS keeps a subcommand from resetting a ``--debug`` given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--debug" not in sub._option_string_actions:
+                    sub.add_argument(
+                        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                    )
+                _accept_debug_anywhere(sub)
+
+
+def _process_group_up() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,19 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    group_was_up = _process_group_up()
     try:
         rc = args.func(args)
-    except ConfigError as err:
-        print(f"tokscale: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        if args.verbose:
-            raise
-        print(f"tokscale: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code = report(err, log_dir=getattr(args, "log_dir", None), debug=args.debug)
+        if not group_was_up and _process_group_up():
+            from tokscale.shutdown import exit_process
+
+            # This command brought up a process group (an in-process training run): leave without the
+            # interpreter teardown that gloo's threads can abort (tokscale.shutdown), and without a barrier,
+            # since the failure may have happened anywhere. A caller that already had a group (a test) gets
+            # the code back.
+            exit_process(code)
+        return code
     rc = int(rc or 0)
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if not group_was_up and _process_group_up():
         from tokscale.shutdown import finish
 
         # A command that brought up a process group (train, demo, eval) leaves without interpreter teardown,

@@ -45,18 +45,23 @@ def init_distributed() -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if use_cuda else "gloo"
+        if world == 1 and "MASTER_PORT" not in os.environ:
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
+            # The rendezvous address goes to torch directly, not into the environment: a process started later
+            # from this one (a `tokscale` subprocess, a launcher) must not inherit a port this process holds.
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            )
+            return DistInfo(rank, world, local_rank, device)
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in os.environ:
                 raise ValueError(
                     f"WORLD_SIZE={world} but {key} is not set; launch with torchrun, --nproc or Slurm"
                 )
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -7,6 +7,12 @@ NAME is a registered trainer (tokscale.registry) or ``module:Class`` / ``file.py
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; rank 0 prints the result as JSON. The process ends through
 tokscale.shutdown.finish (barrier, flush, os._exit), which skips the interpreter teardown that races gloo's
 threads.
+
+A rank that fails reports through tokscale.errors.report: one line ``tokscale: error: rank R: ...`` (its own
+message, a DataLoader worker's unwrapped), the traceback in RUN_DIR/logs/error-rank{R}.log (error.log for a
+single process), and a record of the failure for the launcher (failed-rank{R}.json in the folder a
+``--nproc`` parent gave, which then prints the line itself; else RUN_DIR/logs/failed-rank{R}.txt). It then
+exits 2 (1 for a bug) at once, without a barrier: the other ranks may be gone or stuck in a collective.
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
+    try:
+        import torch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    result = run(argv[0], argv[1], argv[2:])
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        result = run(argv[0], argv[1], argv[2:])
+    except (Exception, KeyboardInterrupt) as err:
+        from tokscale.errors import report
+        from tokscale.shutdown import exit_process
+
+        exit_process(report(err))  # the log goes to the run of the ``cfg`` that run() holds, when it got one
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result))
     return 0

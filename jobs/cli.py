@@ -173,6 +173,7 @@ def train_command(args: argparse.Namespace) -> int:
             f"{args.trainer!r} is not a trainer (a tokscale.trainer.Task); `tokscale train` runs trainers"
         )
     cfg = runnable.load_config(args.config, args.overrides)  # validated before any process starts
+    args.log_dir = str(Path(cfg.run_dir) / "logs")  # where tokscale.errors writes a failure's traceback
     if args.nproc > 1:
         from tokscale.config import to_yaml
         from tokscale.jobs.local import launch_local
