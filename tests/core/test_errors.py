@@ -218,3 +218,58 @@ def test_the_rank_that_failed_first_is_reported_not_the_one_that_lost_it(tmp_pat
     # neither rank printed its error or a traceback (rank 0 lost its peer, or was stopped): the launcher speaks
     printed = capfd.readouterr().err
     assert LINE not in printed and "Traceback" not in printed, printed
+
+
+def _png(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, kind: str) -> Path:
+    """One shard of each corrupt kind met in training: cut inside a member, zero bytes, a member that is not an
+    image, an empty image member."""
+    members = []
+    for i in range(4):
+        image = _png(i)
+        if i == 2 and kind == "non-image":
+            image = b"<html>not an image</html>"
+        if i == 2 and kind == "empty-member":
+            image = b""
+        members += [(f"k{i}.png", image), (f"k{i}.cls", b"1")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if kind == "truncated":
+        data = data[: len(data) // 2 + 100]
+    if kind == "zero-bytes":
+        data = b""
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "zero-bytes", "non-image", "empty-member"])
+def test_each_corrupt_shard_kind_ends_training_with_one_line_naming_the_shard(tmp_path, kind):
+    shard = write_shard(tmp_path / f"{kind}.tar", kind)
+    args = [a for a in train_args(tmp_path, tmp_path / "run") if not a.startswith("data.")]
+    args += [
+        f"data.train_shards={shard}",
+        f"data.eval_shards={shard}",
+        "data.batch_size=4",
+        "data.num_workers=1",
+    ]
+    args += ["data.shuffle_buffer=1"]  # in order: the bad member is met in the first batch
+    out = tokscale(*args, log_dir=tmp_path / "logs")
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = error_line(out.stderr)  # exactly one error line, no traceback on the screen
+    assert str(shard) in line, line
+    if kind in ("non-image", "empty-member"):
+        assert "'k2'" in line, line
