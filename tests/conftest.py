@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tracebacks of failures that have no run directory go here (tokscale.errors), not into the user's home.
+os.environ.setdefault("TOKSCALE_LOG_DIR", tempfile.mkdtemp(prefix="tokscale-test-logs-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "jobs" / "local_cluster.sh"

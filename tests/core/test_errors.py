@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,10 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader, IterableDataset
 
-from tokscale.data.samples import ShardError
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_run import tokscale as run_cli  # noqa: E402
+
+from tokscale.data.samples import ShardError  # noqa: E402
 from tokscale.errors import report, unwrap_worker_message, user_message
 from tokscale.jobs.local import RankFailed, launch_local
 
@@ -112,21 +114,10 @@ def test_a_bug_prints_its_traceback_and_exits_1(tmp_path, capsys):
     assert "ZeroDivisionError" in (tmp_path / "error.log").read_text()
 
 
-# An in-process test's process group leaves these in os.environ; a child inheriting MASTER_PORT would try to
-# listen on the port this process holds.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def tokscale(*args: str, log_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["TOKSCALE_LOG_DIR"] = str(log_dir)  # the fallback log: not the user's home
-    return subprocess.run(
-        [sys.executable, "-m", "tokscale.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    return run_cli(
+        *args, timeout=timeout, TOKSCALE_LOG_DIR=str(log_dir)
+    )  # the fallback log: not the home dir
 
 
 def error_line(stderr: str) -> str:

@@ -14,24 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_run import tokscale  # noqa: E402
+
 from tokscale.checkpoint import FAULT_ENV, FAULT_EXIT_CODE, FAULT_POINTS, complete_checkpoints
 from tokscale.export import state_dict_from
-from tokscale.registry import TRAINERS_ENV
-
-TOY = Path(__file__).with_name("toy_task.py")
 
 
 def run_toy(run_dir: Path, nproc: int = 1, fault: str = "", extra=()) -> subprocess.CompletedProcess:
     cfg = run_dir.parent / f"{run_dir.name}.yaml"
     cfg.write_text(f"run_dir: {run_dir}\ntrain:\n  max_steps: 6\n  ckpt_every: 2\n  keep_last: 1\n")
-    env = {**os.environ, TRAINERS_ENV: f"toy={TOY}:ToyTask"}
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    cmd = [sys.executable, "-m", "tokscale.cli", "train", "toy", str(cfg), *extra]
-    if nproc > 1:
-        cmd += ["--nproc", str(nproc)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    args = ["train", "toy", str(cfg), *extra] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    return tokscale(*args, **{FAULT_ENV: fault})  # an empty TOKSCALE_FAULT is no fault
 
 
 def weights_equal(a: Path, b: Path) -> bool:

@@ -4,18 +4,18 @@ refused when loaded. The toy task's run (tests/core/toy_task.py) is exported thr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_run import TOY_SPEC  # noqa: E402
+from cli_run import tokscale as cli  # noqa: E402
+
 from tokscale.export import export, state_dict_from, weights_sha256
 from tokscale.outputs import MARKER, output_folder
 from tokscale.registry import TRAINERS_ENV
-
-TOY = Path(__file__).with_name("toy_task.py")
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +23,14 @@ def toy_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "toy"
     cfg = run_dir.parent / "toy.yaml"
     cfg.write_text(f"run_dir: {run_dir}\ntrain:\n  max_steps: 2\n")
-    env = {**os.environ, TRAINERS_ENV: f"toy={TOY}:ToyTask"}
-    out = subprocess.run(
-        [sys.executable, "-m", "tokscale.train", "toy", str(cfg)], env=env, capture_output=True
-    )
+    out = cli("toy", str(cfg), module="tokscale.train")
     assert out.returncode == 0, out.stderr[-2000:]
     return run_dir
 
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setenv(TRAINERS_ENV, f"toy={TOY}:ToyTask")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, TRAINERS_ENV: f"toy={TOY}:ToyTask"}
-    return subprocess.run(
-        [sys.executable, "-m", "tokscale.cli", *args], env=env, capture_output=True, text=True
-    )
+    monkeypatch.setenv(TRAINERS_ENV, TOY_SPEC)
 
 
 def test_export_into_a_folder_with_other_files_is_refused_and_they_survive(toy_run, tmp_path):

@@ -5,17 +5,15 @@ tests/jobs/test_slurm.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tokscale.registry import TRAINERS_ENV, resolve_runnable, trainer, trainer_specs
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_run import TOY_SPEC, tokscale  # noqa: E402
 
-TOY = Path(__file__).with_name("toy_task.py")
-TOY_SPEC = f"toy={TOY}:ToyTask"
+from tokscale.registry import TRAINERS_ENV, resolve_runnable, trainer, trainer_specs  # noqa: E402
 
 
 def toy_yaml(tmp_path: Path, **train) -> Path:
@@ -23,17 +21,6 @@ def toy_yaml(tmp_path: Path, **train) -> Path:
     lines = [f"run_dir: {tmp_path / 'run'}", "train:"] + [f"  {k}: {v}" for k, v in train.items()]
     path.write_text("\n".join(lines) + "\n" if train else f"run_dir: {tmp_path / 'run'}\n")
     return path
-
-
-def tokscale(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, TRAINERS_ENV: TOY_SPEC}
-    return subprocess.run(
-        [sys.executable, "-m", "tokscale.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
