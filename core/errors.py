@@ -22,11 +22,9 @@ Ctrl-C found there, since a bug raised while handling a ValueError is still a bu
 
 Where the traceback goes (appended, each entry led by time, pid, rank, cwd and argv):
 
-1. ``log_dir`` when the caller names one (tokscale.cli passes ``args.log_dir`` when a command set it);
-2. else the run's own folder, ``RUN_DIR/logs``: the failing call stack is searched, outermost frame first, for a
-   local ``cfg`` that is a dataclass with a non-empty ``run_dir`` (every trainer's config, held by
-   ``tokscale train``, tokscale.train and the loop), so no command has to register its run;
-3. else ``$TOKSCALE_LOG_DIR``, or ``~/.cache/tokscale/logs``.
+1. ``log_dir`` when the caller names one: the run's ``RUN_DIR/logs`` (``tokscale train`` sets ``args.log_dir``,
+   which tokscale.cli passes; tokscale.train passes its config's; ``tokscale eval`` its output folder's);
+2. else ``$TOKSCALE_LOG_DIR``, or ``~/.cache/tokscale/logs``.
 
 The file is ``error.log`` (``last-error.log`` outside a run), ``error-rank{R}.log`` when WORLD_SIZE > 1.
 
@@ -38,7 +36,6 @@ log (torchrun, Slurm). This module imports nothing heavy: it runs before and aft
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -269,21 +266,6 @@ def failure_record(exc: BaseException) -> dict:
 
 
 # -- where the traceback goes -----------------------------------------------------------------------------------
-def run_dir_of(exc: BaseException) -> str | None:
-    """The ``run_dir`` of the outermost frame in ``exc``'s traceback (or its causes') holding a dataclass
-    config ``cfg`` that has one: the run the failing command was working on."""
-    for link, _ in _links(exc):
-        tb = link.__traceback__
-        while tb is not None:
-            cfg = tb.tb_frame.f_locals.get("cfg")
-            if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-                run_dir = getattr(cfg, "run_dir", None)
-                if isinstance(run_dir, (str, os.PathLike)) and str(run_dir):
-                    return str(run_dir)
-            tb = tb.tb_next
-    return None
-
-
 def default_log_dir() -> Path:
     return Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "tokscale" / "logs")
 
@@ -301,9 +283,6 @@ def log_path_for(exc: BaseException, log_dir: str | os.PathLike | None = None) -
     """Where ``exc``'s traceback goes (see the module docstring)."""
     if log_dir:
         return Path(log_dir).absolute() / _log_name("error")
-    run_dir = run_dir_of(exc)
-    if run_dir:
-        return Path(run_dir).absolute() / "logs" / _log_name("error")
     return default_log_path()
 
 

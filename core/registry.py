@@ -93,12 +93,16 @@ def trainer(name: str):
             f"unknown trainer {name!r}; registered: {sorted(specs)} (entry points of {TRAINER_GROUP!r}, or "
             f"{TRAINERS_ENV}=NAME=module:Class)"
         )
-    task_cls = load_object(specs[name])
+    return _task_class(specs[name], name)
+
+
+def _task_class(spec: str, name: str | None = None):
     from tokscale.trainer import Task
 
+    task_cls = load_object(spec)
     if not (isinstance(task_cls, type) and issubclass(task_cls, Task)):
-        raise ValueError(f"trainer {name!r} ({specs[name]}) is not a tokscale.trainer.Task subclass")
-    if not task_cls.name:
+        raise ValueError(f"trainer {name or spec!r} ({spec}) is not a tokscale.trainer.Task subclass")
+    if name and not task_cls.name:
         task_cls.name = name
     return task_cls
 
@@ -111,14 +115,7 @@ class TrainerRunnable:
 
     @property
     def task(self):
-        from tokscale.trainer import Task
-
-        task_cls = load_object(self.spec)
-        if not (isinstance(task_cls, type) and issubclass(task_cls, Task)):
-            raise ValueError(f"{self.spec} is not a tokscale.trainer.Task subclass")
-        if self.name and not task_cls.name:
-            task_cls.name = self.name
-        return task_cls
+        return _task_class(self.spec, self.name)
 
     def load_config(self, path, overrides=()):
         return self.task.load_config(path, overrides)

@@ -25,11 +25,15 @@ import sys
 
 def run(name: str, config, overrides=(), should_stop=None) -> dict:
     """Load NAME's config (schema -> preset -> YAML -> overrides) and train it in this process."""
+    runnable, cfg = load(name, config, overrides)
+    return runnable.main(cfg, should_stop=should_stop)
+
+
+def load(name: str, config, overrides=()):
     from tokscale.registry import resolve_runnable
 
     runnable = resolve_runnable(name)
-    cfg = runnable.load_config(config, list(overrides))
-    return runnable.main(cfg, should_stop=should_stop)
+    return runnable, runnable.load_config(config, list(overrides))
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -38,16 +42,20 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_dir = None  # the run's logs/ once its config loaded; before that, the default log folder
     try:
         import torch
 
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        result = run(argv[0], argv[1], argv[2:])
+        runnable, cfg = load(argv[0], argv[1], argv[2:])
+        if getattr(cfg, "run_dir", ""):
+            log_dir = os.path.join(cfg.run_dir, "logs")
+        result = runnable.main(cfg)
     except (Exception, KeyboardInterrupt) as err:
         from tokscale.errors import report
         from tokscale.shutdown import exit_process
 
-        exit_process(report(err))  # the log goes to the run of the ``cfg`` that run() holds, when it got one
+        exit_process(report(err, log_dir=log_dir))
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result))
     return 0

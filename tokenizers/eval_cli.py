@@ -131,8 +131,11 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
 
 
 def _dispatch(args: argparse.Namespace, cfg) -> int:
+    from pathlib import Path
+
     from tokscale.tokenizers.eval_runner import main, write_config
 
+    args.log_dir = str(Path(cfg.run_dir) / "logs")  # where tokscale.errors writes a failure's traceback
     if args.submit:
         from tokscale.jobs.cli import job_config_from_args
         from tokscale.jobs.submission import submit
