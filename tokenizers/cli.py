@@ -24,6 +24,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lst = msub.add_parser("list", help="list preset names")
     lst.set_defaults(func=model_list)
 
+    conv = sub.add_parser("convert", help="convert another project's checkpoint into a tokscale export")
+    csub = conv.add_subparsers(dest="convert_command", metavar="SOURCE", required=True)
+    g = csub.add_parser(
+        "gigatok",
+        help="a GigaTok tokenizer checkpoint ({'model': ...} or {'ema': ...}) -> a tokscale export folder",
+        description="tokscale convert gigatok CHECKPOINT.pt --config GIGATOK_CONFIG.yaml OUT",
+    )
+    g.add_argument("checkpoint", help="GigaTok's .pt file")
+    g.add_argument("out", help="export folder to write")
+    g.add_argument(
+        "--config", required=True, help="GigaTok's model config YAML (e.g. configs/vq/VQ_SS256.yaml)"
+    )
+    g.add_argument(
+        "--weights", default="model", choices=["model", "ema"], help="which state dict of the file"
+    )
+    g.add_argument(
+        "--cnn-channels", type=int, default=None, help="check the CNN base width (read from weights)"
+    )
+    g.add_argument("--image-size", type=int, default=None, help="check the image size (read from weights)")
+    g.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
+    g.set_defaults(func=convert_gigatok)
+
     demo = sub.add_parser(
         "demo",
         help="train 2d-tiny on the embedded dataset and report PSNR/SSIM/usage before and after",
@@ -81,6 +103,22 @@ def model_info(args: argparse.Namespace) -> int:
         decoder={"width": cfg.decoder.width, "depth": cfg.decoder.depth, "heads": cfg.decoder.heads},
     )
     print(json.dumps(out))
+    return 0
+
+
+def convert_gigatok(args: argparse.Namespace) -> int:
+    from tokscale.tokenizers.convert import convert_gigatok as run
+
+    out = run(
+        args.checkpoint,
+        args.config,
+        args.out,
+        args.weights,
+        args.cnn_channels,
+        args.image_size,
+        args.overwrite,
+    )
+    print(json.dumps({"export": str(out)}))
     return 0
 
 

@@ -1,9 +1,15 @@
-"""Convolutional encoder and decoder of the hybrid tokenizer.
+"""Convolutional encoder and decoder of the hybrid tokenizer, as GigaTok builds them.
 
-The encoder downsamples by 2 per level after the first (16x for five levels), with residual blocks and no
-attention. The decoder mirrors it with one more residual block per level, adaptive GroupNorm (scale and shift
-predicted from the decoder's input feature map, so every level sees the quantised content) and depth-to-space
-upsampling (a convolution to 4x channels followed by pixel shuffle).
+Encoder: a 3x3 stem, then per level ``num_res_blocks`` residual blocks and (all levels but the last) a stride-2
+3x3 convolution on a (0, 1, 0, 1)-padded map, two middle residual blocks, GroupNorm + swish and a 3x3
+convolution to ``z_channels``. No attention anywhere.
+
+Decoder: a 3x3 convolution from ``z_channels``, two middle residual blocks, then per level (widest first) one
+adaptive GroupNorm, ``num_res_blocks + 1`` residual blocks and (all levels but the last) depth-to-space
+upsampling: a 3x3 convolution to 4x channels rearranged in DCR order (TensorFlow's ``depth_to_space``). The
+adaptive GroupNorm normalises without affine and then scales and shifts every channel by two linear maps of the
+decoder *input*'s per-channel spatial statistics (std -> scale, mean -> shift): one style vector per image,
+computed once, applied once per level. Every other norm is a plain affine GroupNorm(32, eps 1e-6).
 """
 
 from __future__ import annotations
@@ -20,72 +26,75 @@ from torch.utils.checkpoint import checkpoint
 class CNNConfig:
     channels: int = 128
     channel_mults: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 2
-    z_channels: int = 256  # channels handed to / taken from the transformer
+    num_res_blocks: int = 2  # per encoder level; the decoder has one more per level
+    z_channels: int = 256  # channels handed to / taken from the transformers
     num_groups: int = 32
+    eps: float = 1e-6  # GroupNorm epsilon
 
     def __post_init__(self):
         if not self.channel_mults:
             raise ValueError("cnn.channel_mults must list at least one level")
-        for c in [self.channels * m for m in self.channel_mults] + [self.z_channels]:
+        if self.num_res_blocks < 1:
+            raise ValueError(f"cnn.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        for c in [self.channels * m for m in self.channel_mults]:
             if c % self.num_groups:
-                raise ValueError(f"cnn channel count {c} is not divisible by num_groups={self.num_groups}")
+                raise ValueError(
+                    f"cnn channel count {c} is not divisible by cnn.num_groups={self.num_groups}"
+                )
+        if self.eps <= 0:
+            raise ValueError(f"cnn.eps must be > 0, got {self.eps}")
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
 
 
+def group_norm(cfg: CNNConfig, channels: int, affine: bool = True) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.num_groups, channels, eps=cfg.eps, affine=affine)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int, cond_channels: int = 0):
+    """norm -> swish -> conv3x3 -> norm -> swish -> conv3x3, plus the input (1x1 conv when widths differ)."""
+
+    def __init__(self, cfg: CNNConfig, c_in: int, c_out: int):
         super().__init__()
-        self.norm1 = (
-            AdaptiveGroupNorm(c_in, groups, cond_channels) if cond_channels else nn.GroupNorm(groups, c_in)
-        )
+        self.norm1 = group_norm(cfg, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = (
-            AdaptiveGroupNorm(c_out, groups, cond_channels) if cond_channels else nn.GroupNorm(groups, c_out)
-        )
+        self.norm2 = group_norm(cfg, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.conditioned = cond_channels > 0
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
-    def _norm(self, norm, x, cond):
-        return norm(x, cond) if self.conditioned else norm(x)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self._norm(self.norm1, x, cond)))
-        h = self.conv2(F.silu(self._norm(self.norm2, h, cond)))
-        return self.skip(x) + h
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GroupNorm whose per-channel scale and shift come from a conditioning map (resized to x)."""
+    """GroupNorm without affine, then ``scale * x + shift`` with per-channel scale and shift predicted from a
+    style map's per-channel spatial std (unbiased variance + eps, square-rooted) and mean."""
 
-    def __init__(self, channels: int, groups: int, cond_channels: int):
+    def __init__(self, cfg: CNNConfig, style_channels: int, channels: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, affine=False)
-        self.to_scale_shift = nn.Conv2d(cond_channels, 2 * channels, 1)
-        nn.init.zeros_(self.to_scale_shift.weight)
-        nn.init.zeros_(self.to_scale_shift.bias)
+        self.norm = group_norm(cfg, channels, affine=False)
+        self.eps = cfg.eps
+        self.to_scale = nn.Linear(style_channels, channels)
+        self.to_shift = nn.Linear(style_channels, channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # The 1x1 convolution runs at the conditioning map's (token-grid) resolution and its output is upsampled:
-        # identical to convolving the upsampled map (nearest upsampling commutes with 1x1 convolutions), without
-        # materialising z_channels x H x W at every full-resolution norm.
-        scale_shift = self.to_scale_shift(cond)
-        if scale_shift.shape[-2:] != x.shape[-2:]:
-            scale_shift = F.interpolate(scale_shift, size=x.shape[-2:], mode="nearest")
-        scale, shift = scale_shift.chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        flat = style.flatten(2)
+        scale = self.to_scale((flat.var(dim=-1) + self.eps).sqrt())
+        shift = self.to_shift(flat.mean(dim=-1))
+        return scale[..., None, None] * self.norm(x) + shift[..., None, None]
 
 
-def run_block(block: nn.Module, grad_checkpointing: bool, *args):
-    """Run a block, recomputing its activations in the backward pass when checkpointing (the full-resolution
-    levels of the CNN hold most of a tokenizer's activation memory at 256 px)."""
-    if grad_checkpointing and block.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
+def depth_to_space(x: torch.Tensor, block: int = 2) -> torch.Tensor:
+    """(B, b*b*C, H, W) -> (B, C, b*H, b*W) in DCR order: input channel (i*b + j)*C + c lands at (i, j) of
+    output channel c's b x b cell (not torch's pixel_shuffle, which reads channel c*b*b + i*b + j)."""
+    b, c, h, w = x.shape
+    c_out = c // (block * block)
+    x = x.view(b, block, block, c_out, h, w).permute(0, 3, 4, 1, 5, 2)
+    return x.reshape(b, c_out, h * block, w * block)
 
 
 class Downsample(nn.Module):
@@ -103,32 +112,45 @@ class DepthToSpaceUpsample(nn.Module):
         self.conv = nn.Conv2d(c, 4 * c, 3, padding=1)
 
     def forward(self, x):
-        return F.pixel_shuffle(self.conv(x), 2)
+        return depth_to_space(self.conv(x), 2)
+
+
+def run_block(block: nn.Module, grad_checkpointing: bool, *args):
+    """Run a block, recomputing its activations in the backward pass when checkpointing (the full-resolution
+    levels of the CNN hold most of a tokenizer's activation memory at 256 px)."""
+    if grad_checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class CNNEncoder(nn.Module):
     def __init__(self, cfg: CNNConfig, in_channels: int = 3, grad_checkpointing: bool = False):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        g = cfg.num_groups
         chans = [cfg.channels * m for m in cfg.channel_mults]
-        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
-        blocks: list[nn.Module] = []
-        c = chans[0]
-        for level, c_out in enumerate(chans):
+        self.conv_in = nn.Conv2d(in_channels, cfg.channels, 3, padding=1)
+        self.levels = nn.ModuleList()
+        c = cfg.channels
+        for i, c_out in enumerate(chans):
+            level = nn.Module()
+            level.blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(c, c_out, g))
+                level.blocks.append(ResBlock(cfg, c, c_out))
                 c = c_out
-            if level < len(chans) - 1:
-                blocks.append(Downsample(c))
-        self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(c, c, g), ResBlock(c, c, g))
-        self.norm_out = nn.GroupNorm(g, c)
+            level.down = Downsample(c) if i < len(chans) - 1 else None
+            self.levels.append(level)
+        self.mid = nn.ModuleList([ResBlock(cfg, c, c), ResBlock(cfg, c, c)])
+        self.norm_out = group_norm(cfg, c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x_BCHW)
-        for block in [*self.down, *self.mid]:
+        for level in self.levels:
+            for block in level.blocks:
+                h = run_block(block, self.grad_checkpointing, h)
+            if level.down is not None:
+                h = level.down(h)
+        for block in self.mid:
             h = run_block(block, self.grad_checkpointing, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -137,30 +159,32 @@ class CNNDecoder(nn.Module):
     def __init__(self, cfg: CNNConfig, out_channels: int = 3, grad_checkpointing: bool = False):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        g = cfg.num_groups
         chans = [cfg.channels * m for m in cfg.channel_mults][::-1]
         zc = cfg.z_channels
         c = chans[0]
         self.conv_in = nn.Conv2d(zc, c, 3, padding=1)
-        self.mid = nn.ModuleList([ResBlock(c, c, g, zc), ResBlock(c, c, g, zc)])
+        self.mid = nn.ModuleList([ResBlock(cfg, c, c), ResBlock(cfg, c, c)])
         self.levels = nn.ModuleList()
-        for level, c_out in enumerate(chans):
-            blocks = nn.ModuleList()
+        for i, c_out in enumerate(chans):
+            level = nn.Module()
+            level.style_norm = AdaptiveGroupNorm(cfg, zc, c)
+            level.blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(c, c_out, g, zc))
+                level.blocks.append(ResBlock(cfg, c, c_out))
                 c = c_out
-            up = DepthToSpaceUpsample(c) if level < len(chans) - 1 else nn.Identity()
-            self.levels.append(nn.ModuleDict({"blocks": blocks, "up": up}))
-        self.norm_out = AdaptiveGroupNorm(c, g, zc)
+            level.up = DepthToSpaceUpsample(c) if i < len(chans) - 1 else None
+            self.levels.append(level)
+        self.norm_out = group_norm(cfg, c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
     def forward(self, z_BCHW: torch.Tensor) -> torch.Tensor:
-        cond = z_BCHW
         h = self.conv_in(z_BCHW)
         for block in self.mid:
-            h = run_block(block, self.grad_checkpointing, h, cond)
+            h = run_block(block, self.grad_checkpointing, h)
         for level in self.levels:
-            for block in level["blocks"]:
-                h = run_block(block, self.grad_checkpointing, h, cond)
-            h = level["up"](h)
-        return self.conv_out(F.silu(self.norm_out(h, cond)))
+            h = level.style_norm(h, z_BCHW)
+            for block in level.blocks:
+                h = run_block(block, self.grad_checkpointing, h)
+            if level.up is not None:
+                h = level.up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

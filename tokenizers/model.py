@@ -1,15 +1,25 @@
-"""GigaTok-style hybrid VQ tokenizers: CNN encoder -> transformer encoder -> code projection -> quantizer
--> projection -> transformer decoder -> CNN decoder.
+"""GigaTok's hybrid VQ tokenizers, module for module: CNN encoder -> transformer encoder -> 1x1 projection to
+the code dimension -> quantizer -> 1x1 projection back -> transformer decoder -> CNN decoder.
 
-- ``kind="2d"``: the transformers run over the (image_size/16)^2 token grid.
-- ``kind="1d"``: a Q-Former encoder. ``num_tokens`` learned queries, initialised by average-pooling the CNN
-  features at doubling granularities (1x1, 2x2, 4x4, ... in that order, so early tokens start global and later
-  ones local), self-attend under an optional causal / block-causal mask and cross-attend to the CNN features.
-  The decoder's grid queries cross-attend to the 1D tokens, so it can decode from any prefix of them.
+Both transformers start with a LayerNorm (``ln_pre``) over the CNN's ``z_channels`` and a linear embedding to
+their width, and end with a LayerNorm (``ln_post``) and a convolution back to ``z_channels`` (1x1 in the
+encoder, 3x3 over the token grid in the decoder).
+
+- ``kind="2d"``: the transformers run over the (image_size/16)^2 token grid. ``layer_type="plain"`` (GigaTok's
+  2D S-B, B-L) adds the grid positions once and stacks pre-norm self-attention layers; ``layer_type="detr"``
+  (GigaTok's released 2D S-S) uses DETR decoder layers whose memory is the layer's own input, positions added at
+  every layer.
+- ``kind="1d"``: a Q-Former. The ``num_tokens`` queries are not learned: the embedded CNN features are average
+  pooled row-first into levels of 1, 1, 2, 4, ..., N/2 cells (tokens 0 and 1 are both the global mean; every
+  level covers the whole image), concatenated and passed through ``global_proj``. Each layer self-attends over
+  the queries (optionally under a causal / block-causal mask) and cross-attends to the CNN features, positions
+  DETR-style at every layer. The decoder's grid queries all start as copies of the first 1D token and
+  cross-attend to the 1D tokens, so it decodes from any prefix of them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,10 +28,18 @@ from torch import nn
 
 from tokscale.tokenizers.cnn import CNNConfig, CNNDecoder, CNNEncoder
 from tokscale.tokenizers.quantizer import QuantizerConfig, VectorQuantizer
-from tokscale.tokenizers.transformer import Stack, TransformerConfig, token_mask
+from tokscale.tokenizers.transformer import (
+    Attention,
+    PlainLayer,
+    QFormerLayer,
+    TransformerConfig,
+    run_layer,
+    token_mask,
+)
 
 KINDS = ("2d", "1d")
 MASKS = ("none", "causal", "block_causal")
+LAYER_TYPES = {"2d": ("plain", "detr"), "1d": ("qformer",)}
 
 
 @dataclass
@@ -29,7 +47,8 @@ class TokenizerConfig:
     preset: str | None = None  # fills every field below before the YAML and command line apply
     kind: str = "2d"
     image_size: int = 256
-    num_tokens: int = 256  # 1D only; a 2D tokenizer has (image_size / 16)^2
+    num_tokens: int = 256  # 1D only (a power of two); a 2D tokenizer has (image_size / 16)^2
+    layer_type: str = ""  # "" = the kind's own: 2D "plain" (or "detr", GigaTok's 2D S-S), 1D "qformer"
     cnn: CNNConfig = field(default_factory=CNNConfig)
     encoder: TransformerConfig = field(default_factory=TransformerConfig)
     decoder: TransformerConfig = field(default_factory=TransformerConfig)
@@ -43,6 +62,11 @@ class TokenizerConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.layer_type and self.layer_type not in LAYER_TYPES[self.kind]:
+            raise ValueError(
+                f"model.layer_type must be one of {LAYER_TYPES[self.kind]} for kind {self.kind!r}, "
+                f"got {self.layer_type!r}"
+            )
         if self.token_mask not in MASKS:
             raise ValueError(f"model.token_mask must be one of {MASKS}, got {self.token_mask!r}")
         if self.kind == "2d" and self.token_mask != "none":
@@ -51,12 +75,28 @@ class TokenizerConfig:
             raise ValueError(
                 f"model.image_size={self.image_size} must be a multiple of the CNN downsampling {self.cnn.downsample}"
             )
-        if self.num_tokens < 1:
-            raise ValueError(f"model.num_tokens must be >= 1, got {self.num_tokens}")
+        if self.kind == "1d":
+            n = self.num_tokens
+            if n < 2 or n & (n - 1):
+                raise ValueError(
+                    f"model.num_tokens must be a power of two >= 2 (the pooled query pyramid 1, 1, 2, 4, ... "
+                    f"sums to it), got {n}"
+                )
+            finest = 2 ** (round(math.log2(n)) // 2)  # cells across the finest pooling level
+            if finest > self.grid_size:
+                raise ValueError(
+                    f"model.num_tokens={n} needs a token grid of at least {finest}x{finest}; "
+                    f"image_size={self.image_size} gives {self.grid_size}x{self.grid_size}"
+                )
 
     @property
     def grid_size(self) -> int:
         return self.image_size // self.cnn.downsample
+
+    @property
+    def layers(self) -> str:
+        """The transformer layer type in use ("" resolves to the kind's own)."""
+        return self.layer_type or LAYER_TYPES[self.kind][0]
 
     @property
     def tokens(self) -> int:
@@ -64,61 +104,134 @@ class TokenizerConfig:
 
 
 def multilevel_pool(feat_BCHW: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, C, G, G) -> (B, n, C): average pools at 1x1, 2x2, 4x4, ... concatenated coarse-to-fine and cut at n
-    (repeating the finest level when n exceeds all levels together)."""
-    g = feat_BCHW.shape[-1]
-    levels, size = [], 1
-    while sum(x.shape[1] for x in levels) < n:
-        s = min(size, g)
-        levels.append(F.adaptive_avg_pool2d(feat_BCHW, s).flatten(2).transpose(1, 2))
-        size *= 2
-    return torch.cat(levels, dim=1)[:, :n]
+    """(B, C, H, W) -> (B, n, C), n a power of two: average pools at levels of 1, 1, 2, 4, ..., n/2 cells,
+    concatenated coarse-to-fine. Level l > 0 splits the map into 2^ceil(l/2) columns and 2^floor(l/2) rows
+    (columns first), each level read row by row; the first two tokens are both the global mean."""
+    _, _, h, w = feat_BCHW.shape
+    out = []
+    for group in range(round(math.log2(n)) + 1):
+        level = max(group - 1, 0)
+        cols, rows = 2 ** ((level + 1) // 2), 2 ** (level // 2)
+        pooled = F.avg_pool2d(feat_BCHW, kernel_size=(h // rows, w // cols))
+        out.append(pooled.flatten(2).transpose(1, 2))
+    return torch.cat(out, dim=1)
+
+
+def _positions(n: int, width: int) -> nn.Parameter:
+    return nn.Parameter(torch.randn(n, width) * width**-0.5)
+
+
+class TokenEncoder(nn.Module):
+    """Transformer encoder: CNN features (B, zc, G, G) -> (B, N, width) after ``ln_post``."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        t, zc, g = cfg.encoder, cfg.cnn.z_channels, cfg.grid_size
+        self.kind, self.layer_type = cfg.kind, cfg.layers
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.ln_pre = nn.LayerNorm(zc)
+        self.embed = nn.Linear(zc, t.width)
+        self.pos = _positions(g * g, t.width)
+        if cfg.kind == "1d":
+            self.token_pos = _positions(cfg.num_tokens, t.width)
+            self.global_proj = nn.Linear(t.width, t.width)
+        layer = PlainLayer if cfg.layers == "plain" else QFormerLayer
+        self.layers = nn.ModuleList(layer(t) for _ in range(t.depth))
+        self.ln_post = nn.LayerNorm(t.width)
+        self.proj_out = nn.Linear(t.width, zc)  # GigaTok's 1x1 conv_out
+
+    def forward(self, feat_BCHW: torch.Tensor, mask=None) -> torch.Tensor:
+        x = self.embed(self.ln_pre(feat_BCHW.flatten(2).transpose(1, 2)))
+        if self.kind == "1d":
+            grid = x.transpose(1, 2).reshape(x.shape[0], -1, *feat_BCHW.shape[-2:])
+            q = self.global_proj(multilevel_pool(grid, self.token_pos.shape[0]))
+            for layer in self.layers:
+                q = run_layer(layer, self.grad_checkpointing, q, x, self.token_pos, self.pos, mask)
+            return self.ln_post(q)
+        if self.layer_type == "plain":
+            x = x + self.pos
+            for layer in self.layers:
+                x = run_layer(layer, self.grad_checkpointing, x)
+        else:
+            for layer in self.layers:
+                x = run_layer(layer, self.grad_checkpointing, x, x, self.pos, self.pos)
+        return self.ln_post(x)
+
+
+class TokenDecoder(nn.Module):
+    """Transformer decoder: tokens (B, n, zc) -> grid map (B, zc, G, G), and the grid stream after layer
+    ``capture_layer`` (1-based; 0 = none) for semantic regularization."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        t, zc, g = cfg.decoder, cfg.cnn.z_channels, cfg.grid_size
+        self.kind, self.layer_type, self.grid = cfg.kind, cfg.layers, g
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.ln_pre = nn.LayerNorm(zc)
+        self.embed = nn.Linear(zc, t.width)
+        self.pos = _positions(g * g, t.width)
+        if cfg.kind == "1d":
+            self.token_pos = _positions(cfg.num_tokens, t.width)
+        layer = PlainLayer if cfg.layers == "plain" else QFormerLayer
+        self.layers = nn.ModuleList(layer(t) for _ in range(t.depth))
+        self.ln_post = nn.LayerNorm(t.width)
+        self.conv_out = nn.Conv2d(t.width, zc, 3, padding=1)
+
+    def forward(self, tokens_BNC: torch.Tensor, capture_layer: int = 0):
+        x = self.embed(self.ln_pre(tokens_BNC))
+        B, n, _ = x.shape
+        captured = None
+        if self.kind == "1d":
+            memory, memory_pos = x, self.token_pos[:n]
+            x = x[:, :1].expand(B, self.grid**2, -1)
+        elif self.layer_type == "plain":
+            x = x + self.pos
+        for i, layer in enumerate(self.layers, start=1):
+            if self.kind == "1d":
+                x = run_layer(layer, self.grad_checkpointing, x, memory, self.pos, memory_pos)
+            elif self.layer_type == "plain":
+                x = run_layer(layer, self.grad_checkpointing, x)
+            else:
+                x = run_layer(layer, self.grad_checkpointing, x, x, self.pos, self.pos)
+            if i == capture_layer:
+                captured = x
+        x = self.ln_post(x).transpose(1, 2).reshape(B, -1, self.grid, self.grid)
+        return self.conv_out(x), captured
 
 
 class VQTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig, with_projector: bool = True):
         super().__init__()
         self.config = cfg
-        g, zc = cfg.grid_size, cfg.cnn.z_channels
-        ew, dw = cfg.encoder.width, cfg.decoder.width
-        one_d = cfg.kind == "1d"
-
+        zc, dim = cfg.cnn.z_channels, cfg.quantizer.code_dim
         self.cnn_encoder = CNNEncoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
-        self.enc_in = nn.Linear(zc, ew)
-        self.enc_pos = nn.Parameter(torch.zeros(1, g * g, ew))
-        if one_d:
-            self.queries = nn.Parameter(torch.zeros(1, cfg.num_tokens, ew))
-        self.encoder = Stack(cfg.encoder, cross=one_d, grad_checkpointing=cfg.grad_checkpointing)
-        self.enc_norm = nn.LayerNorm(ew)
-        self.to_code = nn.Linear(ew, cfg.quantizer.code_dim)
-
+        self.encoder = TokenEncoder(cfg)
+        self.to_code = nn.Linear(zc, dim)  # GigaTok's quant_conv
         self.quantizer = VectorQuantizer(cfg.quantizer)
-
-        self.from_code = nn.Linear(cfg.quantizer.code_dim, dw)
-        if one_d:
-            self.token_pos = nn.Parameter(torch.zeros(1, cfg.num_tokens, dw))
-        self.dec_pos = nn.Parameter(torch.zeros(1, g * g, dw))  # the grid queries of a 1D decoder
-        self.decoder = Stack(cfg.decoder, cross=one_d, grad_checkpointing=cfg.grad_checkpointing)
-        self.dec_norm = nn.LayerNorm(dw)
-        self.dec_out = nn.Linear(dw, zc)
+        self.from_code = nn.Linear(dim, zc)  # GigaTok's post_quant_conv
+        self.decoder = TokenDecoder(cfg)
         self.cnn_decoder = CNNDecoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
-
         self.semantic_projector = None
         if with_projector and cfg.semantic_dim > 0:
             from tokscale.tokenizers.semantic import SemanticProjector
 
-            self.semantic_projector = SemanticProjector(dw, cfg.semantic_dim)
+            self.semantic_projector = SemanticProjector(cfg.decoder.width, cfg.semantic_dim)
         self._init_weights()
 
     def _init_weights(self):
-        for name, p in self.named_parameters():
-            if name.endswith(("_pos", "queries")):
-                nn.init.trunc_normal_(p, std=0.02)
+        """GigaTok's init: trunc-normal(0.02) linear and conv weights with zero biases; attention
+        in-projections xavier-uniform (torch's MultiheadAttention); positions N(0, 1/width); the code
+        projections keep torch's default init and the codebook its own."""
         for m in self.modules():
-            if isinstance(m, nn.Linear) and not m.weight.is_meta:
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.is_meta:
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, Attention) and not m.in_proj.weight.is_meta:
+                m.reset_in_proj()
+        for m in (self.to_code, self.from_code):
+            if not m.weight.is_meta:
+                m.reset_parameters()
 
     # -- properties used by evaluation and export --
     @property
@@ -138,25 +251,20 @@ class VQTokenizer(nn.Module):
         return token_mask(c.token_mask, n, c.causal_prefix, c.group_size, device=device)
 
     # -- encoder --
-    def _encoder_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        # inputs follow the weights' dtype (bf16 inside a bf16 engine); the quantizer returns to fp32 itself
-        feat = self.cnn_encoder(images.to(self.cnn_encoder.conv_in.weight.dtype))  # (B, zc, g, g)
-        x = self.enc_in(feat.flatten(2).transpose(1, 2)) + self.enc_pos
-        if self.config.kind == "2d":
-            x, _ = self.encoder(x)
-        else:
-            grid = x.transpose(1, 2).reshape(x.shape[0], -1, *feat.shape[-2:])
-            q = multilevel_pool(grid, self.config.num_tokens) + self.queries
-            x, _ = self.encoder(q, context=x, mask=self._mask(q.shape[1], q.device))
-        return self.enc_norm(x)
+    def cnn_features(self, images: torch.Tensor) -> torch.Tensor:
+        """CNN encoder output (B, z_channels, G, G); inputs follow the weights' dtype (bf16 in a bf16 engine)."""
+        return self.cnn_encoder(images.to(self.cnn_encoder.conv_in.weight.dtype))
+
+    def _encoder_tokens(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.encoder(feat, self._mask(self.num_tokens, feat.device))
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous pre-quantization latents (B, N, code_dim)."""
-        return self.to_code(self._encoder_tokens(images))
+        return self.to_code(self.encoder.proj_out(self._encoder_tokens(self.cnn_features(images))))
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled encoder transformer output (B, encoder.width): the tokenizer's probe features."""
-        return self._encoder_tokens(images).mean(1)
+        """Mean-pooled encoder transformer output after ln_post (B, encoder.width): the probe features."""
+        return self._encoder_tokens(self.cnn_features(images)).mean(1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -164,21 +272,20 @@ class VQTokenizer(nn.Module):
         return self.quantizer(self.encode_latents(images))["indices"]
 
     # -- decoder --
+    def decode_map(self, z_q: torch.Tensor, capture_layer: int = 0):
+        """Quantized latents (B, N, code_dim) -> (the transformer decoder's z_channels map (B, zc, G, G),
+        captured decoder features or None). A 1D tokenizer accepts any prefix N <= num_tokens."""
+        n = z_q.shape[1]
+        if self.config.kind == "1d" and n > self.config.num_tokens:
+            raise ValueError(f"got {n} tokens, the tokenizer has {self.config.num_tokens}")
+        if self.config.kind == "2d" and n != self.num_tokens:
+            raise ValueError(f"got {n} tokens, the 2D tokenizer decodes exactly {self.num_tokens}")
+        return self.decoder(self.from_code(z_q.to(self.from_code.weight.dtype)), capture_layer)
+
     def decode_latents(self, z_q: torch.Tensor, capture_layer: int = 0):
-        """Quantized latents (B, N, code_dim) -> (images, captured decoder features or None).
-        A 1D tokenizer accepts any prefix N <= num_tokens."""
-        B, n, _ = z_q.shape
-        tok = self.from_code(z_q.to(self.from_code.weight.dtype))
-        if self.config.kind == "2d":
-            x, feats = self.decoder(tok + self.dec_pos, capture_layer=capture_layer)
-        else:
-            if n > self.config.num_tokens:
-                raise ValueError(f"got {n} tokens, the tokenizer has {self.config.num_tokens}")
-            ctx = tok + self.token_pos[:, :n]
-            x, feats = self.decoder(self.dec_pos.expand(B, -1, -1), context=ctx, capture_layer=capture_layer)
-        g = self.config.grid_size
-        x = self.dec_out(self.dec_norm(x)).transpose(1, 2).reshape(B, -1, g, g)
-        return self.cnn_decoder(x), feats
+        """Quantized latents (B, N, code_dim) -> (images, captured decoder features or None)."""
+        spatial, feats = self.decode_map(z_q, capture_layer)
+        return self.cnn_decoder(spatial), feats
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -186,52 +293,39 @@ class VQTokenizer(nn.Module):
         z_q = self.quantizer.lookup(codes).to(self.from_code.weight.dtype)
         return self.decode_latents(z_q)[0].float()
 
-    def forward(self, images: torch.Tensor, capture_layer: int = 0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, capture_layer: int = 0, aux: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Training forward: reconstruction, quantizer losses and indices, and (when capture_layer > 0 and the
-        projector exists) projected decoder features for semantic regularization."""
-        q = self.quantizer(self.encode_latents(images))
-        recon, feats = self.decode_latents(q["z_q"], capture_layer)
-        out = dict(q, recon=recon)
+        projector exists) projected decoder features for semantic regularization. ``aux`` adds GigaTok's
+        early-training shortcut: ``shortcut_recon`` = the CNN decoder on the CNN encoder's features, and the
+        pair ``spatial`` (the transformer decoder's map) / ``cnn_features`` (detached) for the feature MSE."""
+        feat = self.cnn_features(images)
+        latents = self.to_code(self.encoder.proj_out(self._encoder_tokens(feat)))
+        q = self.quantizer(latents)
+        spatial, feats = self.decode_map(q["z_q"], capture_layer)
+        out = dict(q, recon=self.cnn_decoder(spatial))
         if feats is not None and self.semantic_projector is not None:
             out["semantic"] = self.semantic_projector(feats)
+        if aux:
+            out["shortcut_recon"] = self.cnn_decoder(feat)
+            out["spatial"] = spatial
+            out["cnn_features"] = feat.detach()
         return out
 
 
 def param_counts(model: VQTokenizer) -> dict[str, int]:
     """Parameter counts by part (works on meta-device models)."""
 
-    def n(mods) -> int:
-        return sum(
-            p.numel()
-            for m in mods
-            if m is not None
-            for p in (m.parameters() if isinstance(m, nn.Module) else [m])
-        )
+    def n(*mods) -> int:
+        return sum(p.numel() for m in mods if m is not None for p in m.parameters())
 
-    enc = [
-        model.cnn_encoder,
-        model.enc_in,
-        model.enc_pos,
-        getattr(model, "queries", None),
-        model.encoder,
-        model.enc_norm,
-        model.to_code,
-    ]
-    dec = [
-        model.from_code,
-        getattr(model, "token_pos", None),
-        model.dec_pos,
-        model.decoder,
-        model.dec_norm,
-        model.dec_out,
-        model.cnn_decoder,
-    ]
     return {
-        "params": n([model]),
-        "encoder_params": n(enc),
-        "decoder_params": n(dec),
-        "cnn_encoder_params": n([model.cnn_encoder]),
-        "cnn_decoder_params": n([model.cnn_decoder]),
-        "codebook_params": n([model.quantizer]),
-        "semantic_projector_params": n([model.semantic_projector]),
+        "params": n(model),
+        "encoder_params": n(model.cnn_encoder, model.encoder, model.to_code),
+        "decoder_params": n(model.from_code, model.decoder, model.cnn_decoder),
+        "cnn_encoder_params": n(model.cnn_encoder),
+        "cnn_decoder_params": n(model.cnn_decoder),
+        "codebook_params": n(model.quantizer),
+        "semantic_projector_params": n(model.semantic_projector),
     }

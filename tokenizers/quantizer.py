@@ -23,7 +23,7 @@ class QuantizerConfig:
     l2_norm: bool = True
     beta: float = 0.25  # commitment weight
     codebook_weight: float = 1.0
-    rotation_trick: bool = False  # gradient estimator: rotation trick instead of the straight-through copy
+    rotation_trick: bool = True  # gradient estimator: rotation trick (GigaTok's default) or straight-through
     entropy_weight: float = 0.0  # 0.005 for the billion-scale XL-XXL tokenizer
     entropy_temperature: float = 0.01
     usage_window: int = 65536  # codebook usage over the last this many indices
@@ -77,7 +77,7 @@ def entropy_loss(z_ND: torch.Tensor, codes_KD: torch.Tensor, temperature: float,
         prob_sum = prob_sum + p.sum(0)
     n = z.shape[0]
     avg_p = prob_sum / n
-    batch_entropy = -(avg_p * torch.log(avg_p.clamp_min(1e-12))).sum()
+    batch_entropy = -(avg_p * torch.log(avg_p + 1e-5)).sum()  # GigaTok's (and LlamaGen's) epsilon
     return sample_entropy / n - batch_entropy
 
 
@@ -102,14 +102,22 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.code_dim)
-        nn.init.normal_(self.codebook.weight)
-        if not cfg.l2_norm:
-            nn.init.uniform_(self.codebook.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        self.reset_codebook()
         # Rolling window of recent indices for usage/perplexity (metrics only: not saved, never cast to bf16).
         self.register_buffer(
             "usage_window", torch.full((cfg.usage_window,), -1, dtype=torch.long), persistent=False
         )
         self.register_buffer("usage_pos", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def reset_codebook(self) -> None:
+        """GigaTok's init: uniform(+-1/K), stored l2-normalised when the codes are."""
+        w = self.codebook.weight
+        if w.is_meta:
+            return
+        with torch.no_grad():
+            nn.init.uniform_(w, -1.0 / self.cfg.codebook_size, 1.0 / self.cfg.codebook_size)
+            if self.cfg.l2_norm:
+                w.copy_(F.normalize(w, dim=-1))
 
     def codes(self) -> torch.Tensor:
         w = self.codebook.weight.float()

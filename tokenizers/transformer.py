@@ -1,9 +1,16 @@
-"""Transformer blocks of the hybrid tokenizer: pre-norm self-attention, optional cross-attention, MLP.
+"""Transformer layers of the hybrid tokenizer, as GigaTok builds them (pre-norm, MLP ratio 4, exact GELU).
 
-Attention runs through torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
-Token masks for 1D tokenizers: "none", "causal", or "block_causal" (the first ``causal_prefix`` tokens strictly
-causal, then groups of ``group_size`` that see themselves and everything before), the DetailFlow layout that
-lets a decoder reconstruct from any group-aligned prefix.
+- ``QFormerLayer`` (DETR's decoder layer): self-attention over the queries, attention from the queries to a
+  memory, MLP. Positions are added at every layer, to the queries and keys of the self-attention, to the
+  cross-attention's queries and to the memory's keys (never to values); the memory is not re-normalised.
+  The 1D encoder (queries = pooled 1D tokens, memory = embedded CNN features), the 1D decoder (queries = the
+  grid, memory = the 1D tokens) and GigaTok's released 2D S-S model (memory = the layer's own input) use it.
+- ``PlainLayer``: self-attention and MLP with positions added once before the stack (2D S-B and B-L).
+
+Attention runs through torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU); its
+in-projection is one packed (3 width, width) matrix, as torch's MultiheadAttention stores it.
+Token masks for 1D encoder queries: "none", "causal", or "block_causal" (the first ``causal_prefix`` tokens
+strictly causal, then groups of ``group_size`` that see themselves and everything before), the DetailFlow layout.
 """
 
 from __future__ import annotations
@@ -31,73 +38,81 @@ class TransformerConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, cross: bool = False):
+    """Multi-head attention whose query, key and value inputs may differ (positions on q/k only)."""
+
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.cross = cross
-        if cross:
-            self.q = nn.Linear(width, width)
-            self.kv = nn.Linear(width, 2 * width)
-        else:
-            self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x_BLD, context_BSD=None, mask=None):
-        B, L, D = x_BLD.shape
-        h = self.heads
-        if self.cross:
-            q = self.q(x_BLD)
-            k, v = self.kv(context_BSD).chunk(2, dim=-1)
+    def reset_in_proj(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+
+    def forward(self, q_in, k_in, v_in, mask=None):
+        B, L, D = q_in.shape
+        w, b = self.in_proj.weight, self.in_proj.bias
+        if q_in is k_in:
+            q, k = F.linear(q_in, w[: 2 * D], b[: 2 * D]).chunk(2, dim=-1)
         else:
-            q, k, v = self.qkv(x_BLD).chunk(3, dim=-1)
+            q = F.linear(q_in, w[:D], b[:D])
+            k = F.linear(k_in, w[D : 2 * D], b[D : 2 * D])
+        v = F.linear(v_in, w[2 * D :], b[2 * D :])
+        h = self.heads
         q, k, v = (t.reshape(B, -1, h, D // h).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-class Block(nn.Module):
-    """Pre-norm block: self-attention, optional cross-attention to a context, MLP."""
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, int(width * ratio))
+        self.fc2 = nn.Linear(int(width * ratio), width)
 
-    def __init__(self, cfg: TransformerConfig, cross: bool = False):
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         w = cfg.width
         self.norm1 = nn.LayerNorm(w)
-        self.attn = Attention(w, cfg.heads)
-        self.cross = cross
-        if cross:
-            self.norm_q = nn.LayerNorm(w)
-            self.norm_ctx = nn.LayerNorm(w)
-            self.cross_attn = Attention(w, cfg.heads, cross=True)
+        self.self_attn = Attention(w, cfg.heads)
         self.norm2 = nn.LayerNorm(w)
-        hidden = int(w * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, w))
+        self.cross_attn = Attention(w, cfg.heads)
+        self.norm3 = nn.LayerNorm(w)
+        self.mlp = MLP(w, cfg.mlp_ratio)
 
-    def forward(self, x, context=None, mask=None):
-        x = x + self.attn(self.norm1(x), mask=mask)
-        if self.cross:
-            x = x + self.cross_attn(self.norm_q(x), self.norm_ctx(context))
+    def forward(self, x, memory, query_pos, memory_pos, mask=None):
+        h = self.norm1(x)
+        qk = h + query_pos
+        x = x + self.self_attn(qk, qk, h, mask)
+        x = x + self.cross_attn(self.norm2(x) + query_pos, memory + memory_pos, memory)
+        return x + self.mlp(self.norm3(x))
+
+
+class PlainLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        w = cfg.width
+        self.norm1 = nn.LayerNorm(w)
+        self.self_attn = Attention(w, cfg.heads)
+        self.norm2 = nn.LayerNorm(w)
+        self.mlp = MLP(w, cfg.mlp_ratio)
+
+    def forward(self, x, mask=None):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, h, mask)
         return x + self.mlp(self.norm2(x))
 
 
-class Stack(nn.Module):
-    """A stack of blocks with optional per-block activation checkpointing; can return one layer's output."""
-
-    def __init__(self, cfg: TransformerConfig, cross: bool = False, grad_checkpointing: bool = False):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg, cross) for _ in range(cfg.depth))
-        self.grad_checkpointing = grad_checkpointing
-
-    def forward(self, x, context=None, mask=None, capture_layer: int = 0):
-        """capture_layer: 1-based index of the block whose output is also returned (0: none)."""
-        captured = None
-        for i, block in enumerate(self.blocks, start=1):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, mask, use_reentrant=False)
-            else:
-                x = block(x, context, mask)
-            if i == capture_layer:
-                captured = x
-        return x, captured
+def run_layer(layer: nn.Module, grad_checkpointing: bool, *args):
+    if grad_checkpointing and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def token_mask(

@@ -120,6 +120,7 @@ def test_a_preset_sweep_trains_each_preset_in_its_own_run_dir(slurm_cluster, tmp
         *TINY,
         "train.max_steps=2",
         "train.ckpt_every=2",
+        "model.num_tokens=4",  # the 1D preset's pooled queries need a grid of 2x2 for 4 tokens (32 px)
         "--sweep",
         "model.preset=2d-tiny",
         "--sweep",

@@ -1,7 +1,7 @@
-"""The tokenizer trainer's losses under a fixed seed equal the values recorded before the shared-loop refactor.
+"""The tokenizer trainer's losses under a fixed seed equal the recorded values, so a refactor shows any change.
 
-tests/tokenizers/golden_losses.json was written by golden_run.py with the trainer as it was before the training
-machinery moved into tokscale.loop (one rank, CPU, fp32, every loss term on, GAN from step 3). The run here goes
+tests/tokenizers/golden_losses.json was written by golden_run.py (first before the training machinery moved into
+tokscale.loop; rewritten once when the networks became GigaTok's, issue 11) (one rank, CPU, fp32, every loss term on, GAN from step 3). The run here goes
 through the command line, `tokscale train tokenizer tokenizer/demo ...`, as a user would start it.
 """
 
