@@ -93,7 +93,7 @@ def test_query_initialisation_pools_gigatoks_row_first_pyramid():
     q = multilevel_pool(grid, 8)
     assert q.shape == (1, 8, 1)
     assert q[0, 0, 0] == grid.mean() and q[0, 1, 0] == grid.mean()  # tokens 0 and 1: the global average
-    assert torch.allclose(q[0, 2:4, 0], torch.tensor([4.5, 6.5]))  # level 1: left and right halves
+    assert torch.allclose(q[0, 2:4, 0], torch.tensor([6.5, 8.5]))  # level 1: left and right halves
     assert torch.allclose(
         q[0, 4:8, 0], torch.tensor([2.5, 4.5, 10.5, 12.5])
     )  # level 2: the quadrants, by row
