@@ -169,13 +169,13 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     params = sum(v.numel() for v in state.values())
 
     with output_folder(out, "export", overwrite) as tmp:
-        _write_export(
+        write_export(
             tmp, state, cfg, name, training, metrics, task_cls.model_card(cfg, training, metrics, params)
         )
     return out
 
 
-def _write_export(
+def write_export(
     tmp: Path, state: dict, cfg: dict, name: str, training: dict, metrics: dict, card: str
 ) -> None:
     from safetensors.torch import save_file

@@ -25,16 +25,23 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tokscale.tokenizers.presets import SIZES
+
 log = logging.getLogger(__name__)
 
-# GigaTok's transformer sizes: name -> (width, depth, heads)
+# GigaTok's transformer size names -> (width, depth, heads): tokscale's own size table, plus GigaTok's xxxl
 GIGATOK_SIZES = {
-    "tiny": (256, 4, 4),
-    "small": (512, 6, 8),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "xl": (1280, 36, 20),
-    "xxl": (1536, 48, 24),
+    **{
+        name: SIZES[letter]
+        for name, letter in [
+            ("tiny", "tiny"),
+            ("small", "S"),
+            ("base", "B"),
+            ("large", "L"),
+            ("xl", "XL"),
+            ("xxl", "XXL"),
+        ]
+    },
     "xxxl": (2560, 48, 40),
 }
 MODEL_CLASSES = {"VQVitModelPlus": "1d", "VQVitModel2DPlus": "2d"}
@@ -364,7 +371,7 @@ def convert_gigatok(
     """Write the tokscale export of a GigaTok checkpoint to ``out``; returns ``out``."""
     from dataclasses import asdict
 
-    from tokscale.export import _write_export, sha256
+    from tokscale.export import sha256, write_export
     from tokscale.outputs import check_target, output_folder
 
     checkpoint, config, out = Path(checkpoint), Path(config), Path(out)
@@ -390,7 +397,7 @@ def convert_gigatok(
     }
     card = _model_card(cfg, training, params)
     with output_folder(out, "export", overwrite) as tmp:
-        _write_export(tmp, converted, {"model": asdict(cfg)}, "tokenizer", training, {}, card)
+        write_export(tmp, converted, {"model": asdict(cfg)}, "tokenizer", training, {}, card)
     log.info("converted %s (%s, %d parameters) to %s", checkpoint, weights, params, out)
     return out
 
