@@ -8,7 +8,9 @@ them into one top-level config. ``load_config`` merges, in this fixed order,
 3. the YAML file,
 4. the dotlist overrides (``model.decoder.depth=12``),
 
-and returns the dataclass instance, so ``__post_init__`` validation runs. An unknown key or a value of the
+and returns the dataclass instance, so ``__post_init__`` validation runs. A YAML may start from another one with a
+top-level ``extends: tokenizer/gigatok`` (a name under conf/ or a path relative to the YAML's folder): the parent
+is merged first and the child's keys win, so a recipe states only what differs from its base. An unknown key or a value of the
 wrong type raises :class:`ConfigError` naming the key and the file, before any work starts.
 """
 
@@ -84,6 +86,32 @@ def infer_schema_name(path: Path) -> str:
     )
 
 
+def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A config YAML with its ``extends:`` chain merged in (parents first) and the ``extends`` key removed."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"config 'extends' forms a cycle: {chain}")
+    try:
+        raw = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as err:  # YAML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"{path}: not a readable YAML config: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a config file is a YAML mapping, got {type(raw).__name__}")
+    if "extends" not in raw:
+        return raw
+    parent_name = raw.extends
+    if not isinstance(parent_name, str) or not parent_name:
+        raise ConfigError(
+            f"{path}: 'extends' must name a config (for example tokenizer/gigatok), got {parent_name!r}"
+        )
+    local = [c for c in (path.parent / parent_name, path.parent / f"{parent_name}.yaml") if c.is_file()]
+    parent_path = local[0] if local else resolve_config_path(parent_name)
+    parent = load_yaml(parent_path, (*_seen, path))
+    child = OmegaConf.masked_copy(raw, [k for k in raw if k != "extends"])
+    return _merge(parent, child, str(path))
+
+
 def _describe(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(err).splitlines()[0]
@@ -120,7 +148,7 @@ def load_config(
     if path is not None:
         p = resolve_config_path(path)
         src = str(p)
-        yaml_cfg = OmegaConf.load(p)
+        yaml_cfg = load_yaml(p)
         if "schema" in yaml_cfg:
             yaml_cfg = OmegaConf.masked_copy(yaml_cfg, [k for k in yaml_cfg if k != "schema"])
     for item in overrides:

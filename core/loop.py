@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from tokscale.config import ConfigError, to_dict, to_yaml
-from tokscale.trainer import LoopConfig, OptimConfig, Task, lr_lambda, use_bf16
+from tokscale.trainer import (
+    LoopConfig,
+    OptimConfig,
+    Task,
+    check_global_batch,
+    check_precision,
+    lr_lambda,
+    use_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +89,10 @@ def prepare_run_dir(task_cls: type[Task], cfg: Any, world_size: int) -> None:
 
 
 def deepspeed_config(cfg: Any, batch_size: int, bf16: bool, load_universal: bool = False) -> dict:
+    fp16 = cfg.train.precision == "fp16"
+    extra = {"torch_autocast": {"enabled": True, "dtype": "fp16"}} if fp16 else {}
     return {
+        **extra,
         "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -130,7 +141,9 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
     from tokscale.logger import MetricLogger
 
     _check_config(cfg)
+    check_precision(cfg.train.precision)
     d = init_distributed()
+    check_global_batch(cfg, d.world_size)
     tc = cfg.train
     if d.is_main:
         prepare_run_dir(task_cls, cfg, d.world_size)

@@ -1,7 +1,7 @@
 """The process entry of every trainer: what torchrun, ``tokscale train --nproc`` ranks and scripts run.
 
     python -m tokscale.train tokenizer tokenizer/demo train.max_steps=50
-    torchrun --nproc_per_node 8 -m tokscale.train tokenizer tokenizer/gigatok model.preset=1d-B-L train.zero_stage=3
+    torchrun --nproc_per_node 8 -m tokscale.train tokenizer tokenizer/gigatok-1d-B-L train.zero_stage=3
 
 NAME is a registered trainer (tokscale.registry) or ``module:Class`` / ``file.py:Class``. Each rank reads RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; rank 0 prints the result as JSON. The process ends through

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "constant", "wsd")
 DECAY_SHAPES = ("linear", "sqrt", "cosine")
 
@@ -81,8 +81,13 @@ class LoopConfig:
     max_steps: int = 1_500_000
     seed: int = 0
     zero_stage: int = 0  # 0 = plain data parallel; 1-3 = ZeRO stages
-    precision: str = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise
+    # auto: bf16 on a GPU that supports it, fp32 otherwise | bf16 | fp32 | fp16: fp32 weights, float16 autocast
+    # and dynamic loss scaling (GigaTok's DDP runs), GPU only
+    precision: str = "auto"
     grad_accum: int = 1
+    # 0: whatever data.batch_size x ranks x grad_accum gives; > 0: the recipe's global batch, checked against that
+    # product when the run starts (and when it is submitted), so a recipe keeps its batch on any cluster shape
+    global_batch_size: int = 0
     log_every: int = 50
     image_every: int = 1000
     ckpt_every: int = 5000
@@ -95,6 +100,10 @@ class LoopConfig:
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.global_batch_size < 0:
+            raise ValueError(
+                f"train.global_batch_size must be >= 0 (0: not checked), got {self.global_batch_size}"
+            )
         for key in ("max_steps", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -123,6 +132,45 @@ def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
         return lo + (1 - lo) * left[cfg.decay_shape]
 
     return f
+
+
+def check_global_batch(cfg: Any, world_size: int) -> None:
+    """``train.global_batch_size`` (when set) must equal ``data.batch_size`` x ranks x ``train.grad_accum``."""
+    from tokscale.config import ConfigError
+
+    want = cfg.train.global_batch_size
+    per_rank = int(getattr(getattr(cfg, "data", None), "batch_size", 1) or 1)
+    got = per_rank * world_size * cfg.train.grad_accum
+    if want and got != want:
+        hint = ""
+        if want % (world_size * cfg.train.grad_accum) == 0:
+            hint = f"; data.batch_size={want // (world_size * cfg.train.grad_accum)} gives it"
+        raise ConfigError(
+            f"train.global_batch_size={want} but data.batch_size={per_rank} x {world_size} ranks x "
+            f"train.grad_accum={cfg.train.grad_accum} = {got}{hint} (or set train.grad_accum)"
+        )
+
+
+def check_precision(precision: str, cuda: bool | None = None) -> None:
+    """fp16 autocast with loss scaling is a GPU mode: refuse it on a machine without CUDA, before any work."""
+    from tokscale.config import ConfigError
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.precision=fp16 (float16 autocast with loss scaling) needs a CUDA GPU and none is visible; "
+            "use train.precision=fp32 (or bf16) on a CPU"
+        )
+
+
+def autocast_fp16(precision: str):
+    """The float16 autocast context of ``precision=fp16`` (a no-op context otherwise), for networks a task runs
+    outside its engine (the engine's forward is autocast by DeepSpeed's ``torch_autocast``)."""
+    import contextlib
+
+    if precision != "fp16":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16)
 
 
 def use_bf16(precision: str) -> bool:

@@ -47,7 +47,9 @@ class DataConfig:
     train_shards: str = ""  # path / dir / brace pattern / glob / pipe: / http URL, '::'-joined; or "embedded"
     eval_shards: str = ""  # same; "embedded" = the embedded dataset's eval split
     resolution: int = 256
-    crop: str = "random"  # "random": short side to resolution*crop_ratio, random square | "adm_center"
+    # "random": short side to resolution*crop_ratio, random square | "random_resize": short side uniform in
+    # [resolution, resolution*crop_ratio] (GigaTok: ratio 1.25, 256-320 px), random square | "adm_center"
+    crop: str = "random"
     crop_ratio: float = 1.1
     hflip: bool = True
     batch_size: int = 32  # per rank

@@ -4,6 +4,9 @@
   short side is at least twice the target, resize the short side to the target with BICUBIC, cut the centre.
 - Random crop at a ratio (tokenizer training in LlamaGen and GigaTok): the same resize but to
   ``resolution * crop_ratio`` on the short side, then a uniformly placed ``resolution`` square.
+- Random short side (GigaTok's tokenizer training): the short side to a uniform integer in
+  [resolution, ceil(resolution * crop_ratio)] (256-320 px for 256 px at ratio 1.25), then a uniformly placed
+  ``resolution`` square.
 - Horizontal flip with probability 1/2.
 
 Randomness comes from a ``random.Random`` the caller seeds per sample, so a sample's crop does not depend on
@@ -12,6 +15,7 @@ which worker decoded it or on what was decoded before it (the resume guarantee r
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-CROPS = ("random", "adm_center")
+CROPS = ("random", "random_resize", "adm_center")
 
 
 def _shrink_then_resize(img: Image.Image, short_side: int) -> Image.Image:
@@ -55,6 +59,18 @@ def random_crop_at_ratio(
     return arr[top : top + resolution, left : left + resolution]
 
 
+def random_resize_crop(
+    img: Image.Image, resolution: int, crop_ratio: float, rng: random.Random
+) -> np.ndarray:
+    """uint8 HWC array: short side to a random integer in [resolution, ceil(resolution * crop_ratio)], then a
+    random resolution square."""
+    short_side = rng.randint(resolution, math.ceil(resolution * crop_ratio - 1e-9))
+    arr = np.asarray(_shrink_then_resize(img, short_side))
+    top = rng.randint(0, arr.shape[0] - resolution)
+    left = rng.randint(0, arr.shape[1] - resolution)
+    return arr[top : top + resolution, left : left + resolution]
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float32 CHW in [-1, 1] (x / 127.5 - 1, the inverse of the evaluators' clamp(127.5x + 128))."""
     # In numpy, single-threaded: torch's elementwise ops on a permuted view were the slowest step of the
@@ -84,6 +100,8 @@ class ImageTransform:
         rng = rng or random.Random(0)
         if self.crop == "adm_center":
             arr = adm_center_crop(img, self.resolution)
+        elif self.crop == "random_resize":
+            arr = random_resize_crop(img, self.resolution, self.crop_ratio, rng)
         else:
             arr = random_crop_at_ratio(img, self.resolution, self.crop_ratio, rng)
         if self.hflip and rng.random() < 0.5:

@@ -1,7 +1,7 @@
 """The commands every registered trainer shares: ``train``, ``submit``, ``jobs status``, ``export``, ``publish``.
 
 tokscale train tokenizer tokenizer/demo train.max_steps=300 [--nproc 2]
-tokscale submit tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu -t 1440
+tokscale submit tokenizer tokenizer/gigatok-1d-S-S data.batch_size=8 --nodes 2 --gpus-per-node 8 -p gpu -t 1440
 tokscale submit tokenizer tokenizer/demo --sweep model.preset=2d-tiny --sweep model.preset=1d-tiny
 tokscale jobs status runs/demo
 tokscale export runs/demo exports/2d-tiny-demo
@@ -91,7 +91,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "Validates the training config, checks the request against the cluster (sinfo, sbatch --test-only), "
             "then submits one job (or one job array with --sweep). The job checkpoints and requeues itself on "
             "Slurm's time-limit signal and resumes from the newest checkpoint. Example: tokscale submit "
-            "tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu -t 1440"
+            "tokenizer tokenizer/gigatok-1d-S-S data.batch_size=8 --nodes 2 --gpus-per-node 8 -p gpu -t 1440"
         ),
     )
     _trainer_args(submit)

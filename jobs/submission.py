@@ -1,6 +1,6 @@
 """Submitting training runs to Slurm through submitit: one job, or a job array over a sweep.
 
-    tokscale submit tokenizer tokenizer/gigatok model.preset=1d-S-S --nodes 2 --gpus-per-node 8 -p gpu
+    tokscale submit tokenizer tokenizer/gigatok-1d-S-S data.batch_size=8 --nodes 2 --gpus-per-node 8 -p gpu
     tokscale submit tokenizer tokenizer/gigatok --sweep model.preset=1d-S-S --sweep model.preset=1d-S-B
 
 What runs is any runnable of tokscale.registry: a registered trainer (by name) or a module offering
@@ -137,10 +137,14 @@ def submit(
     from tokscale.config import to_yaml
     from tokscale.jobs.cluster import require_slurm, validate
     from tokscale.registry import resolve_runnable, runnable_spec
+    from tokscale.trainer import check_global_batch
 
     runnable = resolve_runnable(trainer)
     spec = runnable_spec(runnable)  # what the node imports
     runs = plan_runs(runnable, config, overrides, sweep)  # every config error surfaces before any submission
+    for _, cfg in runs:
+        if hasattr(getattr(cfg, "train", None), "global_batch_size"):
+            check_global_batch(cfg, job_cfg.world_size)
     require_slurm()
     if validate_cluster:
         validate(job_cfg)

@@ -6,10 +6,16 @@ With 3 layers and ndf 64 a 256 px image gives a 30x30 logit map (receptive field
 ``start_step`` with a fixed ``weight`` (0.5 from step 20k in GigaTok); before that the discriminator is neither
 trained nor used. ``weight: 0`` builds nothing.
 
-``diff_aug: true`` applies differentiable augmentation (colour, translation, cutout; Zhao et al. 2020,
-"Differentiable Augmentation for Data-Efficient GAN Training") to every image the discriminator sees, real and
-reconstructed alike, in both the discriminator and the generator step: the generator gradient then flows
-through the augmentation, so the discriminator cannot key on augmentation artefacts.
+``kind: dino`` builds GigaTok's DINO discriminator instead (tokscale.tokenizers.dino_disc: a frozen DINO ViT-S/16
+read from ``dino_weights``, a local file, with trainable heads), as GigaTok's ``VQ_BL256_dino_disc`` recipe does
+from step 80k.
+
+``diff_aug: true`` passes every image a discriminator sees, real and reconstructed, in both steps, through
+GigaTok's DiffAug (tokscale.tokenizers.diffaug, cutout ``diff_aug_cutout``); the dino recipe turns it on.
+
+The discriminator's AdamW follows the generator's learning-rate schedule: its lr at step t is
+``lr * schedule(t)``, the multiplier of ``optim`` (GigaTok's ``scheduler_disc``), and its hinge loss is scaled by
+``weight`` as GigaTok's is.
 """
 
 from __future__ import annotations
@@ -21,19 +27,25 @@ import torch.nn.functional as F
 from torch import nn
 
 NORMS = ("batch", "group", "none")
+KINDS = ("patchgan", "dino")
 
 
 @dataclass
 class DiscriminatorConfig:
     """PatchGAN settings and its own AdamW optimiser (it trains outside the tokenizer's engine)."""
 
-    weight: float = 0.5  # fixed weight of the generator's hinge term once active; 0 turns the GAN off
-    start_step: int = 20000  # first step at which the discriminator trains and the GAN term counts
+    weight: float = 0.5  # weight of both hinge terms once active; 0 turns the GAN off
+    start_step: int = (
+        20000  # first step (as logged, counting from 1) at which the discriminator trains and counts
+    )
+    kind: str = "patchgan"  # patchgan | dino (GigaTok's DINO discriminator; needs dino_weights)
+    dino_weights: str = ""  # kind=dino: local DINO ViT-S/16 backbone file (never downloaded)
     ndf: int = 64  # width of the first convolution
     num_layers: int = 3  # stride-2 convolutions
     norm: str = "batch"  # batch | group | none, after every convolution but the first and the last
-    diff_aug: bool = False  # DiffAugment (colour, translation, cutout) on every discriminator input
-    lr: float = 1e-4
+    diff_aug: bool = False  # GigaTok's DiffAug (translation, colour, cutout) on every discriminator input
+    diff_aug_cutout: float = 0.2  # cutout side as a fraction of the image side
+    lr: float = 1e-4  # peak lr; it follows the generator's schedule (optim.*)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 1e-4
 
@@ -44,6 +56,15 @@ class DiscriminatorConfig:
             raise ValueError(f"gan.start_step must be >= 0, got {self.start_step}")
         if self.ndf < 1 or self.num_layers < 1:
             raise ValueError(f"gan.ndf and gan.num_layers must be >= 1, got {self.ndf} and {self.num_layers}")
+        if self.kind not in KINDS:
+            raise ValueError(f"gan.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "dino" and self.weight > 0 and not self.dino_weights:
+            raise ValueError(
+                "gan.kind=dino needs gan.dino_weights: a local DINO ViT-S/16 file (dino_deitsmall16_pretrain.pth "
+                "or timm's vit_small_patch16_224.dino model.safetensors); nothing is downloaded"
+            )
+        if not 0.0 <= self.diff_aug_cutout <= 1.0:
+            raise ValueError(f"gan.diff_aug_cutout must be in [0, 1], got {self.diff_aug_cutout}")
         if self.norm not in NORMS:
             raise ValueError(f"gan.norm must be one of {NORMS}, got {self.norm!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -67,7 +88,6 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, cfg: DiscriminatorConfig, in_channels: int = 3) -> None:
         super().__init__()
-        self.diff_aug = cfg.diff_aug
         has_norm = cfg.norm != "none"
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, cfg.ndf, 4, stride=2, padding=1),
@@ -102,59 +122,7 @@ class PatchDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4:
             raise ValueError(f"discriminator expects (B, C, H, W) images, got shape {tuple(images.shape)}")
-        x = images.to(self.layers[0].weight.dtype)
-        if self.diff_aug:
-            x = diff_augment(x)
-        return self.layers(x)
-
-
-def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Colour jitter, translation by up to 1/8 of the side (zero fill) and a cutout of half the side.
-
-    Every operation is differentiable in ``x`` and draws fresh parameters per sample.
-    """
-    x = _jitter_colour(x, generator)
-    x = _translate(x, 0.125, generator)
-    return _cutout(x, 0.5, generator)
-
-
-def _rand(shape, like: torch.Tensor, generator) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
-
-
-def _jitter_colour(x: torch.Tensor, generator) -> torch.Tensor:
-    b = x.shape[0]
-    x = x + (_rand((b, 1, 1, 1), x, generator) - 0.5)  # brightness
-    mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (_rand((b, 1, 1, 1), x, generator) * 2) + mean  # saturation
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_rand((b, 1, 1, 1), x, generator) + 0.5) + mean  # contrast
-
-
-def _translate(x: torch.Tensor, ratio: float, generator) -> torch.Tensor:
-    b, _, h, w = x.shape
-    ph, pw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    if ph == 0 and pw == 0:
-        return x
-    shift_y = torch.randint(-ph, ph + 1, (b, 1), generator=generator, device=x.device)
-    shift_x = torch.randint(-pw, pw + 1, (b, 1), generator=generator, device=x.device)
-    padded = F.pad(x, [pw, pw, ph, ph])
-    rows = torch.arange(h, device=x.device)[None] + ph - shift_y  # (B, H) rows of the padded image
-    cols = torch.arange(w, device=x.device)[None] + pw - shift_x  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # Advanced indices around a slice put their broadcast shape (B, H, W) first: the result is B, H, W, C.
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def _cutout(x: torch.Tensor, ratio: float, generator) -> torch.Tensor:
-    b, _, h, w = x.shape
-    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h - ch + 1, (b, 1, 1), generator=generator, device=x.device)
-    left = torch.randint(0, w - cw + 1, (b, 1, 1), generator=generator, device=x.device)
-    rows = torch.arange(h, device=x.device)[None, :, None]
-    cols = torch.arange(w, device=x.device)[None, None, :]
-    inside = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)  # (B, H, W)
-    return x * (~inside).unsqueeze(1).to(x.dtype)
+        return self.layers(images.to(self.layers[0].weight.dtype))
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -170,12 +138,28 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def gan_weight_at(cfg: DiscriminatorConfig, step: int) -> float:
-    """The GAN weight at ``step``: 0 before ``cfg.start_step``, ``cfg.weight`` from it on."""
+    """The GAN weight at ``step`` (as logged, from 1): 0 before ``cfg.start_step``, ``cfg.weight`` from it on."""
     return float(cfg.weight) if step >= cfg.start_step else 0.0
 
 
-def build_discriminator(cfg: DiscriminatorConfig) -> PatchDiscriminator | None:
-    """The PatchGAN, or None when ``cfg.weight == 0``."""
+def build_discriminator(cfg: DiscriminatorConfig) -> nn.Module | None:
+    """The PatchGAN or the DINO discriminator, or None when ``cfg.weight == 0``."""
     if cfg.weight == 0:
         return None
+    if cfg.kind == "dino":
+        from tokscale.tokenizers.dino_disc import DinoDiscriminator
+
+        return DinoDiscriminator(cfg.dino_weights, weights_key="loss.gan.dino_weights")
     return PatchDiscriminator(cfg)
+
+
+def trainable_parameters(disc: nn.Module) -> list[nn.Parameter]:
+    """What the discriminator's optimiser updates (the DINO discriminator's frozen backbone excluded)."""
+    params = getattr(disc, "trainable_parameters", None)
+    return list(params() if params is not None else disc.parameters())
+
+
+def savable(disc: nn.Module | None) -> nn.Module | None:
+    """The part of a discriminator a checkpoint keeps: the DINO discriminator's heads (its backbone is a frozen
+    file), the whole PatchGAN."""
+    return getattr(disc, "heads", disc) if disc is not None else None

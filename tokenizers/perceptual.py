@@ -20,6 +20,7 @@ DeepSpeed engine, which would cast them to bf16.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -107,6 +108,24 @@ class FrozenModule(nn.Module):
             return
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip torch.nn.init's random fills while building a network whose weights are all loaded afterwards.
+
+    torchvision's vgg16, which lpips builds and then keeps only the convolutional trunk of, spends about 2.5 s of a
+    2-core CPU filling its 102M-parameter classifier with random numbers that nobody reads.
+    """
+    names = ("kaiming_uniform_", "kaiming_normal_", "normal_", "uniform_", "constant_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def _vgg_key_map(trunk: nn.Module) -> dict[str, str]:
     """lpips trunk parameter names (``slice2.5.weight``) -> torchvision vgg16 names (``features.5.weight``).
 
@@ -136,7 +155,8 @@ class PerceptualLoss(FrozenModule):
             warnings.simplefilter("ignore", UserWarning)
             # The heads load from the package's shipped v0.1 file; use_dropout stays at its default because the
             # shipped head keys (lin0.model.1.weight) assume the Dropout layer is present.
-            self.lpips = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
+            with _no_random_init():  # every parameter kept is loaded below or by lpips from its head file
+                self.lpips = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
         mapping = _vgg_key_map(self.lpips.net)
         missing = [src for src in mapping.values() if src not in vgg_state]
         if missing:

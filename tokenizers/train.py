@@ -1,13 +1,18 @@
 """The tokenizer trainer: a task of the shared loop (tokscale.loop) with a generator and a discriminator step.
 
     tokscale train tokenizer tokenizer/demo train.max_steps=300
-    tokscale train tokenizer tokenizer/gigatok model.preset=1d-S-S --nproc 2 train.zero_stage=2
-    torchrun --nproc_per_node 8 -m tokscale.train tokenizer tokenizer/gigatok_xl_xxl train.zero_stage=3
+    tokscale train tokenizer tokenizer/gigatok-1d-S-S --nproc 2 data.batch_size=64 train.zero_stage=2
+    torchrun --nproc_per_node 8 -m tokscale.train tokenizer tokenizer/gigatok-1d-XL-XXL data.batch_size=32
 
 Running the same command again resumes from the newest complete checkpoint in ``run_dir``. The loop owns the
 engine, resume, cadences and saves; this module owns the tokenizer's pieces: the model, the frozen LPIPS and
-DINOv2 teacher (fp32, outside every engine), the PatchGAN with its own optimizer (saved as the side states
-``disc`` and ``disc_opt``), the two steps, the reconstruction grid and the in-training evaluation.
+DINOv2 teacher (fp32, outside every engine), the discriminator (PatchGAN or GigaTok's DINO discriminator) with its
+own optimizer and loss scaler (saved as the side states ``disc``, ``disc_opt`` and ``disc_scaler``), the two
+steps, the reconstruction grid and the in-training evaluation.
+
+Terms that switch on or off are counted in logged steps (the first step is 1), as GigaTok counts them: the GAN
+(``loss.gan.start_step``) from its start step on, GigaTok's auxiliary losses (``loss.aux.until_step``) while the
+step is below their end. Each term is logged under its own key only while it is active.
 """
 
 from __future__ import annotations
@@ -29,11 +34,33 @@ from tokscale.trainer import LoopConfig, OptimConfig, Task
 
 
 @dataclass
+class AuxConfig:
+    """GigaTok's auxiliary losses of the first steps (its ``aux_loss_end``, 15k in the released recipes but
+    XL-XXL's): the CNN shortcut ``cnn_decoder(cnn_encoder(x))`` trained with the reconstruction and perceptual
+    losses at their weights (``loss_aux_rec``, ``loss_aux_lpips``), and an MSE between the transformer decoder's
+    output map and the detached CNN encoder features (``loss_aux_feature``)."""
+
+    until_step: int = 0  # active while the step (as logged, from 1) is below it; 0 = off
+    feature_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.until_step < 0 or self.feature_weight < 0:
+            raise ValueError(
+                f"loss.aux.until_step and loss.aux.feature_weight must be >= 0, got {self.until_step}, "
+                f"{self.feature_weight}"
+            )
+
+    def active(self, step: int) -> bool:
+        return step < self.until_step
+
+
+@dataclass
 class LossConfig:
     rec_weight: float = 1.0  # L2 reconstruction
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     gan: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
 
 @dataclass
@@ -48,6 +75,13 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # eval.every_steps > 0: rFID/PSNR/usage in training
 
     def __post_init__(self):
+        aux, gan = self.loss.aux, self.loss.gan
+        if aux.until_step > 0 and gan.weight > 0 and gan.start_step < aux.until_step:
+            raise ValueError(
+                f"loss.gan.start_step={gan.start_step} is below loss.aux.until_step={aux.until_step}: GigaTok's "
+                "adversarial term on the CNN shortcut (used only when the two overlap, never in its recipes) is not "
+                "implemented; start the GAN at or after the end of the auxiliary losses"
+            )
         if self.data.resolution != self.model.image_size:
             raise ValueError(
                 f"data.resolution={self.data.resolution} differs from model.image_size={self.model.image_size}"
@@ -91,10 +125,12 @@ class TokenizerTask(Task):
         return model
 
     def build_side(self) -> dict:
-        """The frozen LPIPS and teacher (not saved), the PatchGAN and its optimizer (saved), the evaluator."""
-        from tokscale.tokenizers.discriminator import build_discriminator
+        """The frozen LPIPS and teacher (not saved), the discriminator, its optimizer and its loss scaler (saved),
+        the evaluator."""
+        from tokscale.tokenizers.discriminator import build_discriminator, savable, trainable_parameters
         from tokscale.tokenizers.perceptual import build_lpips
         from tokscale.tokenizers.semantic import build_teacher
+        from tokscale.trainer import lr_lambda
 
         cfg, device = self.cfg, self.dist.device
         self.lpips = build_lpips(cfg.loss.perceptual)
@@ -102,13 +138,21 @@ class TokenizerTask(Task):
         self.lpips = self.lpips.to(device) if self.lpips is not None else None
         self.teacher = self.teacher.to(device) if self.teacher is not None else None
         self.disc = build_discriminator(cfg.loss.gan)
-        self.disc_opt = None
+        self.disc_opt = self.disc_scaler = None
+        self.lr_at = lr_lambda(
+            cfg.optim, cfg.train.max_steps
+        )  # the discriminator follows the generator's schedule
         if self.disc is not None:
             self.disc = self.disc.to(device)
             gan = cfg.loss.gan
             self.disc_opt = torch.optim.AdamW(
-                self.disc.parameters(), lr=gan.lr, betas=tuple(gan.betas), weight_decay=gan.weight_decay
+                trainable_parameters(self.disc),
+                lr=gan.lr,
+                betas=tuple(gan.betas),
+                weight_decay=gan.weight_decay,
             )
+            # float16 loss scaling for the discriminator, which trains outside the engine (a no-op otherwise)
+            self.disc_scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.eval_every = cfg.eval.every_steps
         self.evaluator = None
         if self.eval_every > 0:
@@ -116,7 +160,7 @@ class TokenizerTask(Task):
 
             self.evaluator = ReconEvaluator(cfg.eval, device, self.lpips)
         self.last = None  # (images, recon) of the latest step, for the grid
-        return {"disc": self.disc, "disc_opt": self.disc_opt}
+        return {"disc": savable(self.disc), "disc_opt": self.disc_opt, "disc_scaler": self.disc_scaler}
 
     def data_stream(self):
         from tokscale.data.stream import TrainStream
@@ -127,9 +171,11 @@ class TokenizerTask(Task):
         from tokscale.tokenizers.discriminator import gan_weight_at
 
         images = batch[0].to(self.dist.device, non_blocking=True)
-        losses, recon = generator_step(engine, self, images, step, self.cfg)
-        if self.disc is not None and gan_weight_at(self.cfg.loss.gan, step) > 0:
-            losses.update(discriminator_step(self.disc, self.disc_opt, images, recon, self.cfg))
+        n = step + 1  # the step being taken, as logged
+        losses, recon = generator_step(engine, self, images, n, self.cfg)
+        if self.disc is not None and gan_weight_at(self.cfg.loss.gan, n) > 0:
+            lr = self.cfg.loss.gan.lr * self.lr_at(step)  # the multiplier the generator's LambdaLR uses now
+            losses.update(discriminator_step(self, images, recon, lr, self.cfg))
         self.last = (images, recon)
         return losses
 
@@ -177,13 +223,17 @@ class TokenizerTask(Task):
 
 
 def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainConfig):
-    """Forward, backward and optimizer step of the tokenizer; returns detached losses and the reconstruction."""
+    """Forward, backward and optimizer step of the tokenizer at ``step`` (as logged, from 1); returns detached
+    losses and the reconstruction."""
     from tokscale.tokenizers.discriminator import gan_weight_at, hinge_g_loss
     from tokscale.tokenizers.semantic import semantic_loss
+    from tokscale.trainer import autocast_fp16
 
     lc, disc = cfg.loss, task.disc
     capture = lc.semantic.decoder_layer if task.teacher is not None else 0
-    out = engine(images.to(torch.bfloat16) if engine.bfloat16_enabled() else images, capture_layer=capture)
+    aux = lc.aux.active(step)
+    x = images.to(torch.bfloat16) if engine.bfloat16_enabled() else images
+    out = engine(x, capture_layer=capture, aux=aux)
     recon = out["recon"].float()
     losses = {"loss_rec": lc.rec_weight * F.mse_loss(recon, images)}
     losses["loss_commit"] = out["loss_commit"]
@@ -196,17 +246,29 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
         with torch.no_grad():
             target = task.teacher(images)
         losses["loss_semantic"] = lc.semantic.weight * semantic_loss(out["semantic"].float(), target)
+    if aux:
+        shortcut = out["shortcut_recon"].float()
+        losses["loss_aux_rec"] = lc.rec_weight * F.mse_loss(shortcut, images)
+        if task.lpips is not None:
+            losses["loss_aux_lpips"] = lc.perceptual.weight * task.lpips(shortcut, images).mean()
+        losses["loss_aux_feature"] = lc.aux.feature_weight * F.mse_loss(
+            out["spatial"].float(), out["cnn_features"].float()
+        )
     gan_w = gan_weight_at(lc.gan, step) if disc is not None else 0.0
     if gan_w > 0:
         disc.requires_grad_(False)
-        losses["loss_gan_g"] = gan_w * hinge_g_loss(disc(recon))
+        with autocast_fp16(cfg.train.precision):
+            losses["loss_gan_g"] = gan_w * hinge_g_loss(disc(disc_input(recon, lc.gan)))
         disc.requires_grad_(True)
     total = sum(losses.values())
     engine.backward(total)
     # ZeRO and bf16 optimizers report the global norm after the step; the plain fp32 engine does not, and its
-    # (already all-reduced) gradients are on the parameters until the step.
+    # (already all-reduced) gradients are on the parameters until the step (scaled by the loss scale under fp16).
     plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     norm = _grad_norm(engine.module) if plain and engine.is_gradient_accumulation_boundary() else None
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if norm is not None and scaler is not None:
+        norm = norm / scaler.get_scale()
     engine.step()
     if norm is None:
         norm = engine.get_global_grad_norm()
@@ -217,27 +279,47 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     return result, recon.detach()
 
 
+def disc_input(images: torch.Tensor, gan) -> torch.Tensor:
+    """What the discriminator sees: the images, through GigaTok's DiffAug when ``gan.diff_aug`` is on."""
+    if not gan.diff_aug:
+        return images
+    from tokscale.tokenizers.diffaug import diff_aug
+
+    return diff_aug(images, prob=1.0, cutout=gan.diff_aug_cutout)
+
+
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def discriminator_step(disc, disc_opt, images, recon, cfg: TrainConfig):
-    """Hinge-loss step of the PatchGAN; gradients averaged over ranks by hand (it lives outside the engine)."""
+def discriminator_step(task: TokenizerTask, images, recon, lr: float, cfg: TrainConfig):
+    """Hinge-loss step of the discriminator at learning rate ``lr``, its loss scaled by ``gan.weight`` (as
+    GigaTok's); gradients averaged over ranks by hand (it lives outside the engine)."""
     import torch.distributed as dist
 
     from tokscale.tokenizers.discriminator import hinge_d_loss
+    from tokscale.trainer import autocast_fp16
 
-    loss = hinge_d_loss(disc(images), disc(recon))
-    disc_opt.zero_grad(set_to_none=True)
-    loss.backward()
+    gan, disc, opt, scaler = cfg.loss.gan, task.disc, task.disc_opt, task.disc_scaler
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast_fp16(cfg.train.precision):
+        real = disc(disc_input(images, gan))
+        fake = disc(disc_input(recon.detach(), gan))
+        loss = gan.weight * hinge_d_loss(real, fake)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    params = [p for group in opt.param_groups for p in group["params"]]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in disc.parameters():
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
-    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
-    disc_opt.step()
+    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    scaler.step(opt)
+    scaler.update()
     return {"loss_gan_d": loss.detach()}
 
 

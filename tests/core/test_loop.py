@@ -172,3 +172,33 @@ def test_decay_groups_put_weight_decay_on_matrices_only():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]
     assert len(no_decay["params"]) == 3  # the bias and the norm's weight and bias
+
+
+def test_fp16_is_refused_on_a_machine_without_cuda_before_any_work(tmp_path):
+    run_dir = tmp_path / "fp16"
+    with pytest.raises(ConfigError, match=r"train.precision=fp16 .* needs a CUDA GPU"):
+        train(ToyTask, cfg(run_dir, "train.precision=fp16"))
+    assert not run_dir.exists()
+
+
+def test_fp16_trains_under_deepspeed_autocast_with_a_loss_scaler(tmp_path, monkeypatch):
+    # The GPU mode's DeepSpeed config run for real: CPU autocast and GradScaler stand in for CUDA's here (the
+    # refusal above is lifted for this test only).
+    import tokscale.loop
+
+    seen = {}
+
+    class Fp16Probe(ToyTask):
+        def train_step(self, engine, batch, step):
+            seen["scaler"] = engine.torch_autocast_z0_gradscaler
+            seen["out"] = engine(batch[0]).dtype
+            seen["weights"] = next(engine.module.parameters()).dtype
+            return super().train_step(engine, batch, step)
+
+    monkeypatch.setattr(tokscale.loop, "check_precision", lambda precision: None)
+    run_dir = tmp_path / "fp16"
+    assert train(Fp16Probe, cfg(run_dir, "train.precision=fp16"))["step"] == 8
+    assert seen["out"] == torch.float16 and seen["weights"] == torch.float32
+    assert seen["scaler"] is not None and seen["scaler"].is_enabled()
+    got = losses(run_dir)
+    assert got[8] < 0.5 * got[1]

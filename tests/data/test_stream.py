@@ -170,6 +170,22 @@ def test_random_crop_resizes_the_short_side_to_ratio_times_resolution_and_crops_
         ImageTransform(crop="center")
 
 
+def test_random_resize_draws_the_short_side_uniformly_between_resolution_and_ratio_times_it(monkeypatch):
+    # GigaTok's training crop: short side uniform in [256, 320] for 256 px (ratio 1.25), then a random square
+    from tokscale.data import transforms
+
+    seen = []
+    real = transforms._shrink_then_resize
+    monkeypatch.setattr(
+        transforms, "_shrink_then_resize", lambda img, side: seen.append(side) or real(img, side)
+    )
+    transform = ImageTransform(resolution=16, crop="random_resize", crop_ratio=1.25, hflip=False)
+    img = Image.new("RGB", (60, 40))
+    outs = [transform(img, random.Random(i)) for i in range(200)]
+    assert all(o.shape == (3, 16, 16) for o in outs)
+    assert set(seen) == set(range(16, 21))  # ceil(16 * 1.25) = 20, both ends included
+
+
 def test_config_rejects_unknown_policy_and_crop_naming_the_key():
     with pytest.raises(ValueError, match="bad_sample_policy"):
         DataConfig(bad_sample_policy="ignore")

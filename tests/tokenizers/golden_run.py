@@ -1,8 +1,9 @@
 """The fixed-seed tokenizer run whose logged losses tests/tokenizers/golden_losses.json records.
 
 Every loss term of the trainer is on: L2, commitment/codebook, entropy, LPIPS (random VGG16 trunk), the
-semantic loss against a random DINOv2 ViT-S/14 teacher, and the PatchGAN with DiffAugment from step 3 (so the
-discriminator step, its optimizer and the augmentation RNG are exercised). CPU, fp32, one rank.
+semantic loss against a random DINOv2 ViT-S/14 teacher, GigaTok's auxiliary shortcut and feature losses at steps
+1-2, and the PatchGAN with DiffAug from step 3 (so the discriminator step, its optimizer on the generator's
+schedule and the augmentation RNG are exercised). CPU, fp32, one rank.
 
     python tests/tokenizers/golden_run.py RUN_DIR SHARDS OUT.json     # re-record (only after a deliberate change)
 """
@@ -64,6 +65,7 @@ def overrides(run_dir, shards: str, vgg: Path, dino: Path) -> list[str]:
         "loss.gan.ndf=16",
         "loss.gan.num_layers=2",
         "loss.gan.diff_aug=true",
+        "loss.aux.until_step=3",
     ]
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tokscale.tokenizers.dino_disc import DinoDiscriminator, LocalBatchNorm, _translate, diff_aug
+from tokscale.tokenizers.diffaug import _translate, diff_aug
+from tokscale.tokenizers.dino_disc import DinoDiscriminator, LocalBatchNorm
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

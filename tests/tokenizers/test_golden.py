@@ -1,7 +1,9 @@
 """The tokenizer trainer's losses under a fixed seed equal the recorded values, so a refactor shows any change.
 
 tests/tokenizers/golden_losses.json was written by golden_run.py (first before the training machinery moved into
-tokscale.loop; rewritten once when the networks became GigaTok's, issue 11) (one rank, CPU, fp32, every loss term on, GAN from step 3). The run here goes
+tokscale.loop; rewritten when the networks became GigaTok's, and when GigaTok's auxiliary losses, its DiffAug and the
+discriminator's lr schedule and loss weight came in, issue 11) (one rank, CPU, fp32, every loss term on: the auxiliary
+terms at steps 1-2, the GAN from step 3). The run here goes
 through the command line, `tokscale train tokenizer tokenizer/demo ...`, as a user would start it.
 """
 
