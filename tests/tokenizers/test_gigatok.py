@@ -157,3 +157,36 @@ def test_convert_refuses_unimplemented_options_and_foreign_keys(tmp_path, capsys
     )
     assert "has no 'ema' entry" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_converted_checkpoint_evaluates_with_eval_recon_and_initialises_training(tmp_path, image_shards):
+    import yaml
+
+    from tokscale.tokenizers.train import TokenizerTask, load_train_config
+
+    ckpt = gigatok_checkpoint("2d_tiny", tmp_path)
+    export = tmp_path / "export"
+    cfg_file = str(FIXTURES / "2d_tiny" / "gigatok_config.yaml")
+    assert main(["convert", "gigatok", str(ckpt), str(export), "--config", cfg_file, "--cnn-channels", "32"]) == 0
+    reference = load_tokenizer(export)
+
+    out = tmp_path / "eval"
+    args = ["eval", "recon", str(export), "data.num_workers=0", "--data", image_shards, "--no-fid", "--no-lpips"]
+    assert main([*args, "--num-samples", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["num_samples"] == 4 and m["codebook_size"] == 512 and math.isfinite(m["psnr"])
+
+    # init_from: a training config with the export's model starts from GigaTok's weights
+    model_cfg = yaml.safe_load((export / "config.yaml").read_text())["model"]
+    recipe = tmp_path / "finetune.yaml"
+    recipe.write_text(yaml.safe_dump({"extends": "tokenizer/demo", "model": model_cfg}))
+    cfg = load_train_config(
+        recipe,
+        [f"init_from={export}", f"data.train_shards={image_shards}", f"model.image_size={model_cfg['image_size']}"],
+    )
+    model = TokenizerTask(cfg, None).build_model()  # the demo has no semantic loss: no projector is built
+    want = {k: v for k, v in reference.state_dict().items() if not k.startswith("semantic_projector.")}
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
