@@ -139,9 +139,8 @@ class TokenizerTask(Task):
         self.teacher = self.teacher.to(device) if self.teacher is not None else None
         self.disc = build_discriminator(cfg.loss.gan)
         self.disc_opt = self.disc_scaler = None
-        self.lr_at = lr_lambda(
-            cfg.optim, cfg.train.max_steps
-        )  # the discriminator follows the generator's schedule
+        # the discriminator follows the generator's schedule
+        self.lr_at = lr_lambda(cfg.optim, cfg.train.max_steps)
         if self.disc is not None:
             self.disc = self.disc.to(device)
             gan = cfg.loss.gan

@@ -49,9 +49,13 @@ def reference(tmp_path_factory):
 RESUME_STEP = {point: 2 for point in FAULT_POINTS} | {"pruning": 4}
 
 
+# Every point at two ranks (rank files, barriers and the rename all in play); at one rank the truncated engine file
+# and the moment before the rename, the two ways a single process leaves a partial save (CI time is bounded).
+CASES = [(point, 2) for point in FAULT_POINTS] + [("engine_half", 1), ("before_rename", 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@pytest.mark.parametrize("point, nproc", CASES)
 def test_a_process_ended_at_any_point_of_a_save_resumes_from_the_newest_complete_checkpoint(
     reference, tmp_path, point, nproc
 ):
