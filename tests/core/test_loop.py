@@ -184,8 +184,13 @@ def test_fp16_is_refused_on_a_machine_without_cuda_before_any_work(tmp_path):
 def test_fp16_trains_under_deepspeed_autocast_with_a_loss_scaler(tmp_path, monkeypatch):
     # The GPU mode's DeepSpeed config run for real: CPU autocast and GradScaler stand in for CUDA's here (the
     # refusal above is lifted for this test only).
+    import deepspeed.runtime.torch_autocast as ds_autocast
+
     import tokscale.loop
 
+    # DeepSpeed records autocast in module globals; restore them so later in-process engines are not affected
+    monkeypatch.setattr(ds_autocast, "TORCH_AUTOCAST_INITIALIZED", ds_autocast.TORCH_AUTOCAST_INITIALIZED)
+    monkeypatch.setattr(ds_autocast, "TORCH_AUTOCAST_DTYPE", ds_autocast.TORCH_AUTOCAST_DTYPE)
     seen = {}
 
     class Fp16Probe(ToyTask):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -167,12 +169,29 @@ def test_a_converted_checkpoint_evaluates_with_eval_recon_and_initialises_traini
     ckpt = gigatok_checkpoint("2d_tiny", tmp_path)
     export = tmp_path / "export"
     cfg_file = str(FIXTURES / "2d_tiny" / "gigatok_config.yaml")
-    assert main(["convert", "gigatok", str(ckpt), str(export), "--config", cfg_file, "--cnn-channels", "32"]) == 0
+    assert (
+        main(["convert", "gigatok", str(ckpt), str(export), "--config", cfg_file, "--cnn-channels", "32"])
+        == 0
+    )
     reference = load_tokenizer(export)
 
     out = tmp_path / "eval"
-    args = ["eval", "recon", str(export), "data.num_workers=0", "--data", image_shards, "--no-fid", "--no-lpips"]
-    assert main([*args, "--num-samples", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    # a separate process, as a user runs it (eval sets up and tears down its own process group)
+    args = [
+        "eval",
+        "recon",
+        str(export),
+        "data.num_workers=0",
+        "--data",
+        image_shards,
+        "--no-fid",
+        "--no-lpips",
+    ]
+    args += ["--num-samples", "4", "--batch-size", "2", "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     assert m["num_samples"] == 4 and m["codebook_size"] == 512 and math.isfinite(m["psnr"])
 
@@ -182,7 +201,11 @@ def test_a_converted_checkpoint_evaluates_with_eval_recon_and_initialises_traini
     recipe.write_text(yaml.safe_dump({"extends": "tokenizer/demo", "model": model_cfg}))
     cfg = load_train_config(
         recipe,
-        [f"init_from={export}", f"data.train_shards={image_shards}", f"model.image_size={model_cfg['image_size']}"],
+        [
+            f"init_from={export}",
+            f"data.train_shards={image_shards}",
+            f"model.image_size={model_cfg['image_size']}",
+        ],
     )
     model = TokenizerTask(cfg, None).build_model()  # the demo has no semantic loss: no projector is built
     want = {k: v for k, v in reference.state_dict().items() if not k.startswith("semantic_projector.")}
