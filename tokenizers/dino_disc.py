@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from tokscale.tokenizers.perceptual import FrozenModule, read_state_dict
+from tokscale.tokenizers.perceptual import IMAGENET_MEAN, IMAGENET_STD, FrozenModule, read_state_dict
 
 __all__ = ["DINO_WEIGHTS_SOURCE", "DinoDiscriminator", "DinoViTSmall", "LocalBatchNorm"]
 
@@ -70,9 +70,6 @@ DINO_WEIGHTS_SOURCE = (
     "timm/vit_small_patch16_224.dino, fetched once on a machine with internet access"
 )
 
-# ImageNet statistics, which DINO was trained with.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 INPUT_SIZE = 224  # the backbone's fixed input side: its positional embedding is a 14 x 14 grid
 PATCH_SIZE = 16
@@ -299,7 +296,7 @@ class DinoDiscriminator(nn.Module):
             for _ in range(len(readout_blocks) + 1)  # +1: the readout before the first block
         )
         # [-1, 1] -> ImageNet-normalised in one affine map: ((x + 1) / 2 - mean) / std = x * 0.5/std + (0.5-mean)/std.
-        mean, std = torch.tensor(_MEAN).view(1, 3, 1, 1), torch.tensor(_STD).view(1, 3, 1, 1)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer("in_scale", 0.5 / std, persistent=False)
         self.register_buffer("in_shift", (0.5 - mean) / std, persistent=False)
 

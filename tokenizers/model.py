@@ -121,24 +121,33 @@ def _positions(n: int, width: int) -> nn.Parameter:
     return nn.Parameter(torch.randn(n, width) * width**-0.5)
 
 
+def _build_stack(module: nn.Module, cfg: TokenizerConfig, t, global_proj: bool) -> None:
+    """The parts the encoder and decoder transformers share, in GigaTok's order (the order of the random
+    draws): ``ln_pre`` over z_channels, the embedding, grid positions, 1D token positions (and the encoder's
+    ``global_proj``), the layers, ``ln_post``."""
+    zc, g = cfg.cnn.z_channels, cfg.grid_size
+    module.kind, module.layer_type = cfg.kind, cfg.layers
+    module.grad_checkpointing = cfg.grad_checkpointing
+    module.ln_pre = nn.LayerNorm(zc)
+    module.embed = nn.Linear(zc, t.width)
+    module.pos = _positions(g * g, t.width)
+    if cfg.kind == "1d":
+        module.token_pos = _positions(cfg.num_tokens, t.width)
+        if global_proj:
+            module.global_proj = nn.Linear(t.width, t.width)
+    layer = PlainLayer if cfg.layers == "plain" else QFormerLayer
+    module.layers = nn.ModuleList(layer(t) for _ in range(t.depth))
+    module.ln_post = nn.LayerNorm(t.width)
+
+
 class TokenEncoder(nn.Module):
     """Transformer encoder: CNN features (B, zc, G, G) -> (B, N, width) after ``ln_post``."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        t, zc, g = cfg.encoder, cfg.cnn.z_channels, cfg.grid_size
-        self.kind, self.layer_type = cfg.kind, cfg.layers
-        self.grad_checkpointing = cfg.grad_checkpointing
-        self.ln_pre = nn.LayerNorm(zc)
-        self.embed = nn.Linear(zc, t.width)
-        self.pos = _positions(g * g, t.width)
-        if cfg.kind == "1d":
-            self.token_pos = _positions(cfg.num_tokens, t.width)
-            self.global_proj = nn.Linear(t.width, t.width)
-        layer = PlainLayer if cfg.layers == "plain" else QFormerLayer
-        self.layers = nn.ModuleList(layer(t) for _ in range(t.depth))
-        self.ln_post = nn.LayerNorm(t.width)
-        self.proj_out = nn.Linear(t.width, zc)  # GigaTok's 1x1 conv_out
+        t = cfg.encoder
+        _build_stack(self, cfg, t, global_proj=True)
+        self.proj_out = nn.Linear(t.width, cfg.cnn.z_channels)  # GigaTok's 1x1 conv_out
 
     def forward(self, feat_BCHW: torch.Tensor, mask=None) -> torch.Tensor:
         x = self.embed(self.ln_pre(feat_BCHW.flatten(2).transpose(1, 2)))
@@ -164,18 +173,10 @@ class TokenDecoder(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        t, zc, g = cfg.decoder, cfg.cnn.z_channels, cfg.grid_size
-        self.kind, self.layer_type, self.grid = cfg.kind, cfg.layers, g
-        self.grad_checkpointing = cfg.grad_checkpointing
-        self.ln_pre = nn.LayerNorm(zc)
-        self.embed = nn.Linear(zc, t.width)
-        self.pos = _positions(g * g, t.width)
-        if cfg.kind == "1d":
-            self.token_pos = _positions(cfg.num_tokens, t.width)
-        layer = PlainLayer if cfg.layers == "plain" else QFormerLayer
-        self.layers = nn.ModuleList(layer(t) for _ in range(t.depth))
-        self.ln_post = nn.LayerNorm(t.width)
-        self.conv_out = nn.Conv2d(t.width, zc, 3, padding=1)
+        t = cfg.decoder
+        self.grid = cfg.grid_size
+        _build_stack(self, cfg, t, global_proj=False)
+        self.conv_out = nn.Conv2d(t.width, cfg.cnn.z_channels, 3, padding=1)
 
     def forward(self, tokens_BNC: torch.Tensor, capture_layer: int = 0):
         x = self.embed(self.ln_pre(tokens_BNC))

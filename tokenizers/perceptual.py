@@ -108,6 +108,12 @@ class FrozenModule(nn.Module):
             return
 
 
+# ImageNet statistics: the input normalisation of the frozen ImageNet-trained networks (DINOv2 teacher, DINO
+# discriminator).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @contextlib.contextmanager
 def _no_random_init():
     """Skip torch.nn.init's random fills while building a network whose weights are all loaded afterwards.

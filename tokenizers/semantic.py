@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokscale.tokenizers.perceptual import FrozenModule, read_state_dict
+from tokscale.tokenizers.perceptual import IMAGENET_MEAN, IMAGENET_STD, FrozenModule, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ TEACHER_WEIGHTS_SOURCE = (
     "from the Hugging Face repo timm/vit_base_patch14_dinov2.lvd142m, or torch.save the state dict of that timm "
     "model) or from Meta's dinov2_vitb14_pretrain.pth; point semantic.teacher_weights at the file"
 )
-
-# ImageNet statistics, which DINOv2 was trained with.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -165,8 +161,8 @@ class DinoTeacher(FrozenModule):
         self.model = model
         self.teacher_size = cfg.teacher_size
         self.grid_size = grid_size
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
         logger.info(
             "DINOv2 teacher %s loaded from %s (%d px, %d tokens -> grid %d)",
