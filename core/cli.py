@@ -14,10 +14,12 @@ and exits 1; the traceback always goes to a log file the line names (a command c
 ``args.log_dir``; training logs into RUN_DIR/logs). ``--debug``, accepted before or after the subcommand, prints
 every traceback on the screen; ``-v`` is debug logging.
 
-Each area registers its own subcommands (``add_commands(subparsers)`` / ``add_bench_commands(bench_sub)`` in a
-module named in the ``tokscale.commands`` entry-point group of pyproject.toml), so this file, in the base package,
-imports no trainer and no launcher; heavy imports (torch, deepspeed) happen inside the command functions, never at
-parser build time.
+Each area registers its own subcommands (``add_commands(subparsers)``, and children of the base's parent commands
+through ``add_bench_commands(bench_sub)`` / ``add_model_commands(model_sub)`` / ``add_convert_commands(convert_sub)``
+and its presets through ``list_model_presets()`` / ``describe_model(preset, overrides)``, in a module named in the
+``tokscale.commands`` entry-point group of pyproject.toml; see tokscale.commands), so this file, in the base
+package, imports no trainer and no launcher; heavy imports (torch, deepspeed) happen inside the command functions,
+never at parser build time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 from tokscale.errors import report
 from tokscale.registry import command_modules
 
-BASE_COMMANDS = "tokscale.commands"  # config show, bench eval
+BASE_COMMANDS = "tokscale.commands"  # config show, model info|list, bench eval; the parent commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a failure, print the traceback here too (it is always logged)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    bench = sub.add_parser("bench", help="benchmarks that print JSON")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    modules = [importlib.import_module(name) for name in [BASE_COMMANDS, *command_modules()]]
+    base = importlib.import_module(BASE_COMMANDS)
+    groups = base.add_groups(sub)  # bench, model, convert: the parents areas add to
+    modules = [base, *(importlib.import_module(name) for name in command_modules())]
     for mod in modules:
         if hasattr(mod, "add_commands"):
             mod.add_commands(sub)
-    for mod in modules:
-        if hasattr(mod, "add_bench_commands"):
-            mod.add_bench_commands(bench_sub)
+    for hook, group_sub in groups.items():
+        for mod in modules:
+            if hasattr(mod, hook):
+                getattr(mod, hook)(group_sub)
     _accept_debug_anywhere(parser)
     return parser
 

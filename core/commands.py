@@ -1,9 +1,79 @@
-"""Commands of the base package: ``tokscale config show`` (any registered trainer's config) and
-``tokscale bench eval`` (Inception throughput, Fréchet distance cost)."""
+"""Commands of the base package: ``tokscale config show`` (any registered trainer's config), ``tokscale model
+info|list`` (presets of every area) and ``tokscale bench eval`` (Inception throughput, Fréchet distance cost); and
+the parent commands the areas add to.
+
+The base creates the parents ``bench``, ``model`` and ``convert`` (:func:`add_groups`), so that no two areas both
+create one: a command module (entry-point group ``tokscale.commands``) adds its own children through
+``add_bench_commands(bench_sub)``, ``add_model_commands(model_sub)`` and ``add_convert_commands(convert_sub)``.
+``model info`` and ``model list`` are the base's: they ask each command module's ``list_model_presets()`` for its
+preset names and the owner's ``describe_model(preset, overrides)`` for the JSON (heavy imports inside it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# hook a command module may define -> the parent command whose subcommands it adds
+GROUP_HOOKS = {
+    "add_bench_commands": "bench",
+    "add_model_commands": "model",
+    "add_convert_commands": "convert",
+}
+
+
+def add_groups(sub: argparse._SubParsersAction) -> dict[str, argparse._SubParsersAction]:
+    """Create the parent commands; returns hook name -> the parent's subparsers."""
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    model = sub.add_parser("model", help="inspect model presets (tokenizers, AR models)")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    info = model_sub.add_parser(
+        "info",
+        help="print a preset's parameter counts as JSON (built on the meta device: no weights allocated)",
+        description="tokscale model info 1d-XL-XXL | tokscale model info gpt-XXL",
+    )
+    info.add_argument("preset", help="preset name; `tokscale model list` shows them")
+    info.add_argument("overrides", nargs="*", help="model-config overrides, e.g. decoder.depth=12")
+    info.set_defaults(func=model_info)
+    lst = model_sub.add_parser("list", help="list preset names")
+    lst.set_defaults(func=model_list)
+    conv = sub.add_parser("convert", help="convert another project's checkpoint into a tokscale export")
+    convert_sub = conv.add_subparsers(dest="convert_command", metavar="SOURCE", required=True)
+    return {
+        "add_bench_commands": bench_sub,
+        "add_model_commands": model_sub,
+        "add_convert_commands": convert_sub,
+    }
+
+
+def _preset_tables() -> list[tuple[object, list[str]]]:
+    """(command module, its preset names) for every registered module that has presets."""
+    from tokscale.registry import command_modules
+
+    tables = []
+    for name in command_modules():
+        mod = importlib.import_module(name)
+        if hasattr(mod, "list_model_presets"):
+            tables.append((mod, list(mod.list_model_presets())))
+    return tables
+
+
+def model_info(args: argparse.Namespace) -> int:
+    import json
+
+    tables = _preset_tables()
+    for mod, names in tables:
+        if args.preset in names:
+            print(json.dumps(mod.describe_model(args.preset, args.overrides)))
+            return 0
+    known = [n for _, names in tables for n in names]
+    raise ValueError(f"unknown model preset {args.preset!r}; expected one of {known}")
+
+
+def model_list(args: argparse.Namespace) -> int:
+    print("\n".join(n for _, names in _preset_tables() for n in names))
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

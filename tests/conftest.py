@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+# helpers shared by several test folders (reference_weights.py) import as plain modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Never reach a hub at test time: weights come from local files the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
-"""Tokenizer commands: ``model info|list``, ``demo``, ``bench tokenizer``, ``bench zero``.
+"""Tokenizer commands: ``convert gigatok``, ``demo``, ``bench tokenizer``, ``bench zero``, and the tokenizer presets
+that the base's ``model info|list`` show (tokscale.commands).
 
 Training, submission and export are generic over registered trainers (tokscale.jobs.cli); the tokenizer
 registers itself as the trainer ``tokenizer`` in pyproject.toml. Evaluation commands: tokscale.tokenizers.eval_cli.
@@ -10,22 +11,35 @@ import argparse
 import json
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    model = sub.add_parser("model", help="inspect tokenizer presets")
-    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    info = msub.add_parser(
-        "info",
-        help="print a preset's parameter counts as JSON (built on the meta device: no weights allocated)",
-        description="tokscale model info 1d-XL-XXL",
-    )
-    info.add_argument("preset", help="preset name; `tokscale model list` shows them")
-    info.add_argument("overrides", nargs="*", help="model-config overrides, e.g. decoder.depth=12")
-    info.set_defaults(func=model_info)
-    lst = msub.add_parser("list", help="list preset names")
-    lst.set_defaults(func=model_list)
+def list_model_presets() -> list[str]:
+    from tokscale.tokenizers.presets import list_presets
 
-    conv = sub.add_parser("convert", help="convert another project's checkpoint into a tokscale export")
-    csub = conv.add_subparsers(dest="convert_command", metavar="SOURCE", required=True)
+    return list_presets()
+
+
+def describe_model(preset: str, overrides: list[str]) -> dict:
+    """``tokscale model info`` of a tokenizer preset: parameter counts by part and the sizes, built on meta."""
+    import torch
+
+    from tokscale.tokenizers.model import VQTokenizer, param_counts
+    from tokscale.tokenizers.presets import preset_config
+
+    cfg = preset_config(preset, overrides)
+    with torch.device("meta"):
+        model = VQTokenizer(cfg)
+    out = {"preset": preset, "kind": cfg.kind, **param_counts(model)}
+    out.update(
+        num_tokens=cfg.tokens,
+        codebook_size=cfg.quantizer.codebook_size,
+        code_dim=cfg.quantizer.code_dim,
+        image_size=cfg.image_size,
+        encoder={"width": cfg.encoder.width, "depth": cfg.encoder.depth, "heads": cfg.encoder.heads},
+        decoder={"width": cfg.decoder.width, "depth": cfg.decoder.depth, "heads": cfg.decoder.heads},
+    )
+    return out
+
+
+def add_convert_commands(csub: argparse._SubParsersAction) -> None:
     g = csub.add_parser(
         "gigatok",
         help="a GigaTok tokenizer checkpoint ({'model': ...} or {'ema': ...}) -> a tokscale export folder",
@@ -46,6 +60,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     g.set_defaults(func=convert_gigatok)
 
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo",
         help="train 2d-tiny on the embedded dataset and report PSNR/SSIM/usage before and after",
@@ -84,28 +100,6 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     z.set_defaults(func=bench_zero)
 
 
-def model_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from tokscale.tokenizers.model import VQTokenizer, param_counts
-    from tokscale.tokenizers.presets import preset_config
-
-    cfg = preset_config(args.preset, args.overrides)
-    with torch.device("meta"):
-        model = VQTokenizer(cfg)
-    out = {"preset": args.preset, "kind": cfg.kind, **param_counts(model)}
-    out.update(
-        num_tokens=cfg.tokens,
-        codebook_size=cfg.quantizer.codebook_size,
-        code_dim=cfg.quantizer.code_dim,
-        image_size=cfg.image_size,
-        encoder={"width": cfg.encoder.width, "depth": cfg.encoder.depth, "heads": cfg.encoder.heads},
-        decoder={"width": cfg.decoder.width, "depth": cfg.decoder.depth, "heads": cfg.decoder.heads},
-    )
-    print(json.dumps(out))
-    return 0
-
-
 def convert_gigatok(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.convert import convert_gigatok as run
 
@@ -119,13 +113,6 @@ def convert_gigatok(args: argparse.Namespace) -> int:
         args.overwrite,
     )
     print(json.dumps({"export": str(out)}))
-    return 0
-
-
-def model_list(args: argparse.Namespace) -> int:
-    from tokscale.tokenizers.presets import list_presets
-
-    print("\n".join(list_presets()))
     return 0
 
 

@@ -9,12 +9,11 @@ import json
 import math
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from reference_weights import regenerate
 from safetensors.torch import load_file
 
 from tokscale.cli import main
@@ -22,21 +21,6 @@ from tokscale.tokenizers.load import load_tokenizer
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "gigatok"
 ATOL = 1e-4
-
-
-def regenerate(manifest: dict) -> dict[str, torch.Tensor]:
-    """The fixture README's formula: w_k = m + s*sqrt(12)*(frac(sin(k*12.9898 + seed*78.233)*43758.5453) - 0.5)."""
-    out = {}
-    for key, spec in manifest.items():
-        if spec.get("fill") == "zeros":
-            out[key] = torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-            continue
-        seed = zlib.crc32(key.encode()) % 100000
-        k = np.arange(1, math.prod(spec["shape"]) + 1, dtype=np.float64)
-        v = np.sin(k * 12.9898 + seed * 78.233) * 43758.5453
-        w = spec["mean"] + spec["std"] * math.sqrt(12) * (v - np.floor(v) - 0.5)
-        out[key] = torch.from_numpy(w.astype(np.float32).reshape(spec["shape"]))
-    return out
 
 
 def gigatok_checkpoint(name: str, tmp_path: Path) -> Path:

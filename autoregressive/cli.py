@@ -1,0 +1,103 @@
+"""AR-model commands: ``convert llamagen``, ``convert gigatok-gpt``, and the GPT presets that the base's
+``model info|list`` show (tokscale.commands).
+
+    tokscale model info gpt-XXL
+    tokscale model info gpt-B-1d num_tokens=576
+    tokscale convert llamagen c2i_L_384.pt exports/llamagen-gpt-L-384 --num-tokens 576
+    tokscale convert gigatok-gpt GigaTok_GPT_XXL.pt exports/gigatok-gpt-XXL --weights model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def list_model_presets() -> list[str]:
+    from tokscale.autoregressive.presets import list_presets
+
+    return list_presets()
+
+
+def describe_model(preset: str, overrides: list[str]) -> dict:
+    """``tokscale model info`` of a GPT preset: parameter counts and sizes, built on the meta device."""
+    import torch
+
+    from tokscale.autoregressive.gpt import GPT, param_counts
+    from tokscale.autoregressive.presets import preset_config
+
+    cfg = preset_config(preset, overrides)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {
+        "preset": preset,
+        "kind": "gpt",
+        **param_counts(model),
+        "width": cfg.width,
+        "depth": cfg.depth,
+        "heads": cfg.heads,
+        "head_dim": cfg.head_dim,
+        "ffn_hidden": cfg.ffn_hidden,
+        "vocab_size": cfg.vocab_size,
+        "num_tokens": cfg.num_tokens,
+        "num_classes": cfg.num_classes,
+        "position": cfg.position,
+        "qk_norm": cfg.qk_norm,
+    }
+
+
+def add_convert_commands(csub: argparse._SubParsersAction) -> None:
+    for source, name, tokens_help in (
+        (
+            "llamagen",
+            "LlamaGen",
+            "image tokens (required: LlamaGen's weights do not store the RoPE grid; 256 = 16x16, 576 = 24x24)",
+        ),
+        ("gigatok-gpt", "GigaTok", "check the token count (read from the position table)"),
+    ):
+        p = csub.add_parser(
+            source,
+            help=f"a {name} class-conditional GPT checkpoint ({{'model': ...}} / {{'ema': ...}}) -> a tokscale export",
+            description=f"tokscale convert {source} CHECKPOINT.pt OUT"
+            + (" --num-tokens 256" if source == "llamagen" else ""),
+        )
+        p.add_argument("checkpoint", help=f"{name}'s .pt file")
+        p.add_argument("out", help="export folder to write")
+        p.add_argument(
+            "--weights", default="model", choices=["model", "ema"], help="which state dict of the file"
+        )
+        p.add_argument("--num-tokens", type=int, default=None, help=tokens_help)
+        p.add_argument(
+            "--heads",
+            type=int,
+            default=None,
+            help="attention heads (default: the reference preset's for the width)",
+        )
+        p.add_argument(
+            "--num-classes", type=int, default=None, help="check the class count (read from the weights)"
+        )
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="load a checkpoint that holds Python objects (a training script's args); only for files you trust",
+        )
+        p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
+        p.set_defaults(func=convert_gpt, source=source)
+
+
+def convert_gpt(args: argparse.Namespace) -> int:
+    from tokscale.autoregressive.convert import convert
+
+    out = convert(
+        args.source,
+        args.checkpoint,
+        args.out,
+        weights=args.weights,
+        num_tokens=args.num_tokens,
+        heads=args.heads,
+        num_classes=args.num_classes,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"export": str(out)}))
+    return 0
