@@ -263,3 +263,83 @@ def load_tokens(
         "aug_ids": torch.from_numpy(np.concatenate([s.aug_ids for s in shards]).astype(np.int64)),
         "keys": [k for s in shards for k in s.keys],
     }
+
+
+class TokenTrainStream:
+    """Endless training batches ``(tokens int64 (B, T), labels int64 (B,))`` from token shards, for rank ``rank``.
+
+    Epoch e draws, from a generator seeded with ``(seed, e)``, an order of the source images and one of each
+    image's stored augmentations (ten-crop with flips gives ten rows per image, under one key): every epoch sees
+    every image once, in one random augmentation. Global batch b of the epoch is the slice [b*B*W, (b+1)*B*W) of
+    that order and rank r takes its r-th part, so ranks never overlap. The position is the number of batches
+    handed out: ``state_dict`` / ``load_state_dict`` resume exactly. Incomplete last global batches are dropped.
+    The shards are held in memory (uint16 codes: 1.28M images x 10 crops x 256 tokens is 6.6 GB).
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        tokenizer_id: str | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        shards = [TokenShardReader(u, tokenizer_id) for u in expand_shards(pattern)]
+        ids = {(s.tokenizer_id, s.codebook_size, int(s.meta["num_tokens"])) for s in shards}
+        if len(ids) > 1:
+            raise ValueError(f"{pattern}: token shards from different tokenizers {sorted(ids)}")
+        self.meta = dict(shards[0].meta)
+        self.tokens = np.concatenate([s.tokens for s in shards])
+        self.labels = np.concatenate([s.labels for s in shards]).astype(np.int64)
+        keys = [k for s in shards for k in s.keys]
+        groups: dict[str, list[int]] = {}
+        for row, key in enumerate(keys):
+            groups.setdefault(key, []).append(row)
+        self.images = list(groups.values())  # rows of each source image, in written order
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.batches_per_epoch = len(self.images) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{pattern}: {len(self.images)} images is less than one global batch "
+                f"(data.batch_size={batch_size} x {world_size} ranks)"
+            )
+        self.batches_consumed = 0
+        self._epoch_rows: tuple[int, np.ndarray] | None = None
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.images))
+            picks = rng.random(len(self.images))
+            rows = np.array([self.images[i][int(picks[i] * len(self.images[i]))] for i in order])
+            self._epoch_rows = (epoch, rows)
+        return self._epoch_rows[1]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            epoch, b = divmod(self.batches_consumed, self.batches_per_epoch)
+            start = (b * self.world_size + self.rank) * self.batch_size
+            rows = self._rows(epoch)[start : start + self.batch_size]
+            self.batches_consumed += 1
+            yield (
+                torch.from_numpy(self.tokens[rows].astype(np.int64)),
+                torch.from_numpy(self.labels[rows]),
+            )
+
+    def _layout(self) -> dict:
+        return {"batch_size": self.batch_size, "world_size": self.world_size, "seed": self.seed}
+
+    def state_dict(self) -> dict:
+        return {"batches_consumed": self.batches_consumed, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"the token stream's saved layout differs {changed} (saved, now): resuming would not continue "
+                "the same order; keep data.batch_size, the rank count and data.seed of the run"
+            )
+        self.batches_consumed = int(state["batches_consumed"])
