@@ -62,6 +62,32 @@ def add_convert_commands(csub: argparse._SubParsersAction) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser(
+        "extract",
+        help="encode image shards into token shards for the AR trainers (resumable, across ranks or on Slurm)",
+        description="tokscale extract TOKENIZER --data SHARDS OUT [--aug tencrop|center_flip|center] "
+        "[--nproc N | --submit ...]",
+    )
+    ex.add_argument("tokenizer", help="a tokscale run directory, an export or a converted GigaTok checkpoint")
+    ex.add_argument("--data", required=True, help="image shards (pattern, brace range, folder) or 'embedded'")
+    ex.add_argument("out", help="folder for the token shards (a rerun resumes, skipping finished shards)")
+    ex.add_argument("--aug", default="tencrop", help="tencrop (10 per image, default) | center_flip | center")
+    ex.add_argument("--batch-size", type=int, default=64, help="crops per tokenizer forward")
+    ex.add_argument(
+        "--tokenizer-id", default="", help="name stored in the shards (default: folder + config hash)"
+    )
+    ex.add_argument("--split", default="train", help="split of the embedded dataset (train | eval)")
+    ex.add_argument("--no-verify", action="store_true", help="skip checking an export against its SHA256SUMS")
+    ex.add_argument(
+        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
+    )
+    slurm = ex.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
+    slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
+    from tokscale.jobs.cli import add_slurm_flags
+
+    add_slurm_flags(slurm)
+    ex.set_defaults(func=extract)
+
     demo = sub.add_parser(
         "demo",
         help="train 2d-tiny on the embedded dataset and report PSNR/SSIM/usage before and after",
@@ -134,4 +160,47 @@ def bench_zero(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.zero_bench import bench_zero as run
 
     print(json.dumps(run(args.preset, args.world_size, args.stages, args.image_size)))
+    return 0
+
+
+def extract(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokscale.config import load_config
+    from tokscale.tokenizers.extract import ExtractConfig, main, write_config
+
+    cfg = load_config(
+        ExtractConfig,
+        None,
+        [
+            f"tokenizer={args.tokenizer}",
+            f"data={args.data}",
+            f"out={args.out}",
+            f"aug={args.aug}",
+            f"batch_size={args.batch_size}",
+            f"split={args.split}",
+            f"verify_weights={not args.no_verify}",
+        ]
+        + ([f"tokenizer_id={args.tokenizer_id}"] if args.tokenizer_id else []),
+    )
+    args.log_dir = str(Path(cfg.out) / "logs")
+    if args.submit:
+        from tokscale.jobs.cli import job_config_from_args
+        from tokscale.jobs.submission import submit
+
+        runs = submit("tokscale.tokenizers.extract", str(write_config(cfg)), [], job_config_from_args(args))
+        print(json.dumps([r.describe() for r in runs], indent=2))
+        return 0
+    if args.nproc > 1:
+        from tokscale.jobs.local import launch_local
+
+        return launch_local(args.nproc, ["-m", "tokscale.tokenizers.extract", str(write_config(cfg))])
+    import torch.distributed as dist
+
+    try:
+        out = main(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(json.dumps(out))
     return 0

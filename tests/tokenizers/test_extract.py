@@ -1,0 +1,126 @@
+"""`tokscale extract`: token shards that round-trip through the tokenizer, a stopped extraction that resumes
+to the same shards, two ranks that store each image once, and the ten-crop layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
+from palette import write_tiny_export  # noqa: E402
+
+from tokscale.data.locations import resolve_shards  # noqa: E402
+from tokscale.data.samples import decode_image, iter_raw_samples  # noqa: E402
+from tokscale.data.tokens import load_tokens  # noqa: E402
+from tokscale.data.transforms import adm_center_crop, to_tensor  # noqa: E402
+from tokscale.tokenizers.extract import ExtractConfig, crops, main  # noqa: E402
+from tokscale.tokenizers.load import load_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "2d-tiny-32"
+    write_tiny_export(out)
+    return out
+
+
+def tokscale(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", *args], capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+    )  # fmt: skip
+
+
+def shard_digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+def run_in_process(cfg: ExtractConfig, should_stop=None) -> dict:
+    import torch.distributed as dist
+
+    try:
+        return main(cfg, should_stop)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokens") / "eval"
+    res = tokscale("extract", str(tiny_export), "--data", "embedded", "--split", "eval", str(out),
+                   "--aug", "center_flip", "--batch-size", "48")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_stored_codes_decode_as_the_tokenizer_encodes_each_crop_and_its_flip(tiny_export, extracted):
+    manifest = json.loads((extracted / "manifest.json").read_text())
+    assert manifest["num_samples"] == 400 and manifest["augmentation"] == "center_flip"
+    assert manifest["resolution"] == 32 and len(manifest["tokenizer_config_sha256"]) == 64
+    stored = load_tokens(str(extracted), tokenizer_id=manifest["tokenizer_id"])
+    model = load_tokenizer(tiny_export)
+    url = resolve_shards("embedded", "eval")[0]
+    samples = list(iter_raw_samples(url))[:5]
+    row = {(k, int(a)): i for i, (k, a) in enumerate(zip(stored["keys"], stored["aug_ids"]))}
+    for s in samples:
+        crop = adm_center_crop(decode_image(s), 32)
+        for aug, arr in enumerate([crop, crop[:, ::-1]]):
+            x = to_tensor(np.ascontiguousarray(arr))[None]
+            codes = stored["tokens"][row[(s.key, aug)]][None]
+            assert torch.equal(codes, model.encode(x))
+            assert torch.equal(model.decode(codes), model.decode(model.encode(x)))
+    assert len(set(stored["keys"])) == 200  # every image of the split once, two rows each
+
+
+def test_a_stopped_extraction_resumes_and_ends_with_the_same_shards(tiny_export, extracted, tmp_path):
+    out = tmp_path / "resumed"
+    cfg = ExtractConfig(
+        tokenizer=str(tiny_export), data="embedded", split="eval", out=str(out), aug="center_flip",
+        batch_size=48, progress=False,
+    )  # fmt: skip
+    first = run_in_process(cfg, should_stop=lambda: True)  # stops after its first finished shard
+    assert first["status"] == "stopped" and len(list(out.glob("*.tar"))) == 1
+    (out / "s000001-000000.tar.tmp-999").write_bytes(b"partial")  # a crashed writer's leftover
+    again = run_in_process(cfg)
+    assert again["status"] == "finished" and again["images"] == 75  # only the unfinished shard was redone
+    assert shard_digests(out) == shard_digests(extracted)
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_two_ranks_store_each_image_once(tiny_export, extracted, tmp_path):
+    out = tmp_path / "two"
+    res = tokscale("extract", str(tiny_export), "--data", "embedded", "--split", "eval", str(out),
+                   "--aug", "center_flip", "--batch-size", "48", "--nproc", "2")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    keys = load_tokens(str(out))["keys"]
+    assert len(keys) == 400 and len(set(keys)) == 200
+    assert shard_digests(out) == shard_digests(extracted)  # the same bytes as one rank
+
+
+def test_ten_crop_is_the_centre_and_four_corners_of_the_1_1x_crop_then_their_flips():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, size=(50, 60, 3), dtype=np.uint8))
+    ten = crops(img, 32, "tencrop")
+    big = adm_center_crop(img, 35)  # round(32 * 1.1)
+    assert len(ten) == 10 and all(c.shape == (32, 32, 3) for c in ten)
+    assert np.array_equal(ten[0], big[1:33, 1:33])
+    assert np.array_equal(ten[1], big[:32, :32]) and np.array_equal(ten[4], big[3:, 3:])
+    for i in range(5):
+        assert np.array_equal(ten[5 + i], ten[i][:, ::-1])
+
+
+def test_bad_extract_settings_are_refused_naming_the_value(tiny_export, tmp_path):
+    with pytest.raises(ValueError, match="aug='fivecrop'"):
+        ExtractConfig(tokenizer="t", data="d", out="o", aug="fivecrop")
+    res = tokscale("extract", str(tmp_path / "nowhere"), "--data", "embedded", str(tmp_path / "o"))
+    assert res.returncode != 0 and "nowhere" in res.stderr.splitlines()[0]
