@@ -46,6 +46,37 @@ def describe_model(preset: str, overrides: list[str]) -> dict:
     }
 
 
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from tokscale.autoregressive.sample_cli import add_sample_command
+
+    add_sample_command(sub)
+
+
+def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
+    b = bench_sub.add_parser(
+        "sample",
+        help="AR generation tokens/s and images/s with and without the KV cache, CFG on (JSON)",
+        description="tokscale bench sample gpt-tiny --batch 8 --num-tokens 64 [--compile]",
+    )
+    b.add_argument("preset")
+    b.add_argument("--batch", type=int, default=8, help="images generated together (x2 rows under CFG)")
+    b.add_argument("--num-tokens", type=int, default=None, help="default: the preset's (256)")
+    b.add_argument("--cfg-scale", type=float, default=2.0)
+    b.add_argument("--top-k", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=1, help="timed generations per mode")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | bf16 | fp32")
+    b.add_argument("--compile", action="store_true", help="torch.compile the cached decode step")
+    b.set_defaults(func=bench_sample)
+
+
+def bench_sample(args: argparse.Namespace) -> int:
+    from tokscale.autoregressive.bench import bench_sample as run
+
+    print(json.dumps(run(args)))
+    return 0
+
+
 def add_convert_commands(csub: argparse._SubParsersAction) -> None:
     for source, name, tokens_help in (
         (

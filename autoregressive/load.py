@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from tokscale.export import CONFIG, state_dict_from
 
-SCHEMA = "gpt"  # the ``schema:`` key of a GPT export's config.yaml
+SCHEMA = "gpt"  # the ``schema:`` key of a converted GPT export's config.yaml
+SCHEMAS = (SCHEMA, "c2i")  # and of a `tokscale train c2i` run (and its export)
 
 
 def model_config_from(path: str | Path):
@@ -26,8 +27,8 @@ def model_config_from(path: str | Path):
         raise FileNotFoundError(f"{cfg_file} not found: expected a tokscale GPT export or run directory")
     raw = OmegaConf.load(cfg_file)
     schema = raw.get("schema")
-    if schema is not None and schema != SCHEMA:
-        raise ConfigError(f"{cfg_file}: a {schema!r} model, not a GPT (schema {SCHEMA!r})")
+    if schema is not None and schema not in SCHEMAS:
+        raise ConfigError(f"{cfg_file}: a {schema!r} model, not a GPT (schema one of {SCHEMAS})")
     if "model" not in raw:
         raise ConfigError(f"{cfg_file} has no 'model' section")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GPTConfig), raw.model))

@@ -77,3 +77,48 @@ def bench(args: argparse.Namespace) -> dict:
         # Linux reports ru_maxrss in KiB: the whole process's peak, model + optimizer + activations.
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def bench_extract(args: argparse.Namespace) -> dict:
+    """Encoding images/s of a preset (random weights) batched, side by side with the references' loop that
+    encodes one image per forward, on the same images."""
+    overrides = [f"image_size={args.resolution}"] if args.resolution else []
+    cfg = preset_config(args.preset, overrides)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    dtype = (
+        torch.bfloat16
+        if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"))
+        else torch.float32
+    )
+    torch.manual_seed(0)
+    model = VQTokenizer(cfg, with_projector=False).to(device).eval()
+    images = torch.rand(args.images, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+
+    def run(batch: int) -> float:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model.encode(images[:batch])  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for part in images.split(batch):
+                model.encode(part)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return args.images / (time.perf_counter() - t0)
+
+    batched, single = run(args.batch), run(1)
+    return {
+        "benchmark": "extract_encode",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "precision": "bf16-autocast" if dtype == torch.bfloat16 else "fp32",
+        "resolution": cfg.image_size,
+        "images": args.images,
+        "batch": args.batch,
+        "images_per_s_batched": batched,
+        "images_per_s_batch1": single,
+        "speedup": batched / single,
+    }

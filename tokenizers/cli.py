@@ -114,6 +114,19 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--grad-checkpointing", action="store_true")
     b.set_defaults(func=bench_tokenizer)
 
+    e = bench_sub.add_parser(
+        "extract",
+        help="encoding images/s batched vs one image per forward (the references' extraction loop) (JSON)",
+        description="tokscale bench extract 2d-tiny --images 64 --batch 32 --resolution 64",
+    )
+    e.add_argument("preset")
+    e.add_argument("--images", type=int, default=64, help="images encoded in each of the two measurements")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--resolution", type=int, default=None, help="default: the preset's image size")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--precision", default="auto", help="auto | bf16 | fp32")
+    e.set_defaults(func=bench_extract)
+
     z = bench_sub.add_parser(
         "zero",
         help="measured per-rank model-state memory at ZeRO stages 0-3 next to the paper's prediction (JSON)",
@@ -146,6 +159,13 @@ def run_demo(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.demo import demo
 
     print(json.dumps(demo(args.run_dir, args.overrides), indent=2))
+    return 0
+
+
+def bench_extract(args: argparse.Namespace) -> int:
+    from tokscale.tokenizers.bench import bench_extract as run
+
+    print(json.dumps(run(args)))
     return 0
 
 

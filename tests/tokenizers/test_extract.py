@@ -124,3 +124,12 @@ def test_bad_extract_settings_are_refused_naming_the_value(tiny_export, tmp_path
         ExtractConfig(tokenizer="t", data="d", out="o", aug="fivecrop")
     res = tokscale("extract", str(tmp_path / "nowhere"), "--data", "embedded", str(tmp_path / "o"))
     assert res.returncode != 0 and "nowhere" in res.stderr.splitlines()[0]
+
+
+def test_bench_extract_prints_batched_and_batch_1_throughput_as_one_json_object():
+    res = tokscale("bench", "extract", "2d-tiny", "--images", "4", "--batch", "2", "--resolution", "32")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["benchmark"] == "extract_encode" and out["images"] == 4 and out["batch"] == 2
+    assert out["images_per_s_batched"] > 0 and out["images_per_s_batch1"] > 0
+    assert out["speedup"] == pytest.approx(out["images_per_s_batched"] / out["images_per_s_batch1"])
