@@ -177,3 +177,33 @@ def test_two_ranks_under_zero_2_train_and_validate_through_the_command_line(shar
     last = rows(run)
     assert json.loads((run / "run_info.jsonl").read_text().splitlines()[-1])["world_size"] == 2
     assert any("val/loss_ce" in r for r in last) and last[-1]["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "name, preset, lr, schedule, warmup, steps, batch",
+    [
+        ("llamagen-B", "gpt-B", 1e-4, "constant", 0, 1_500_000, 256),
+        ("llamagen-XL", "gpt-XL", 2e-4, "constant", 0, 1_500_000, 256),
+        ("gigatok-B-1d", "gpt-B-1d", 1e-4, "wsd", 5000, 1_500_000, 256),
+        ("gigatok-XXL-1d", "gpt-XXL-1d", 1e-4, "wsd", 200, 750_000, 512),
+        ("gigatok-probe-B", "gpt-B-1d", 1e-4, "constant", 0, 250_000, 256),
+    ],
+)
+def test_the_reference_recipes_carry_their_settings(name, preset, lr, schedule, warmup, steps, batch):
+    c = C2ITask.load_config(f"c2i/{name}")
+    assert (c.model.preset, c.optim.lr, c.optim.schedule, c.optim.warmup_steps) == (
+        preset,
+        lr,
+        schedule,
+        warmup,
+    )
+    assert (c.train.max_steps, c.train.global_batch_size) == (steps, batch)
+    assert c.optim.betas == [0.9, 0.95] and c.optim.weight_decay == 0.05 and c.optim.grad_clip == 1.0
+    assert (c.model.vocab_size, c.model.num_tokens, c.model.num_classes) == (16384, 256, 1000)
+    if schedule == "wsd":  # GigaTok: warmup from lr / 100, sqrt decay to 0 over the last 20 %
+        assert (c.optim.warmup_init, c.optim.decay_fraction, c.optim.decay_shape, c.optim.min_lr) == (
+            0.01,
+            0.2,
+            "sqrt",
+            0.0,
+        )
