@@ -66,6 +66,17 @@ class C2IConfig:
     )
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: ValConfig = field(default_factory=ValConfig)
+    # > 0: keep a moving average of the weights with this decay (LlamaGen's --ema: 0.9999), saved with every
+    # checkpoint and exported with `tokscale export RUN OUT --weights ema`
+    ema_decay: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.ema_decay > 0 and self.train.zero_stage == 3:
+            raise ValueError(
+                "ema_decay > 0 with train.zero_stage=3: each rank holds only a shard of the weights; use stage 0-2"
+            )
 
 
 def load_train_config(path, overrides=()) -> C2IConfig:
@@ -92,6 +103,28 @@ def check_tokens_fit(meta: dict, model: GPTConfig, source: str) -> None:
         )
 
 
+class WeightEma:
+    """fp32 moving average of the model's weights (the side state ``ema``: name -> tensor, the model's keys).
+    Under ZeRO 1-2 every rank holds the full updated weights after the step, so each rank keeps the same average."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if self.shadow[k].device != v.device:  # built on the CPU; beside the weights from step 1
+                self.shadow[k] = self.shadow[k].to(v.device)
+            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {k: v.float().clone() for k, v in state.items()}
+
+
 class C2ITask(Task):
     name = "c2i"
     config_class = C2IConfig
@@ -105,7 +138,12 @@ class C2ITask(Task):
     def build_model(self):
         from tokscale.autoregressive.gpt import GPT
 
-        return GPT(self.cfg.model)
+        self.model = GPT(self.cfg.model)
+        return self.model
+
+    def build_side(self) -> dict:
+        self.ema = WeightEma(self.model, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        return {"ema": self.ema} if self.ema is not None else {}
 
     def param_groups(self, model):
         from tokscale.trainer import decay_groups
@@ -136,6 +174,8 @@ class C2ITask(Task):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
         engine.backward(loss)
         engine.step()
+        if self.ema is not None and engine.is_gradient_accumulation_boundary():
+            self.ema.update(engine.module)
         return {"loss_ce": loss.detach()}
 
     @torch.no_grad()

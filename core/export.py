@@ -138,9 +138,22 @@ library_name: tokscale
 """
 
 
-def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def ema_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The moving average of the weights that a task saves as its side state ``ema`` (name -> tensor, the
+    model's own keys), from a checkpoint's trainer.pt."""
+    side = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False).get("ema")
+    if not isinstance(side, dict) or not side:
+        raise ValueError(
+            f"{ckpt}: no EMA of the weights in trainer.pt (train with an EMA, e.g. c2i's ema_decay=0.9999, "
+            "or export the weights themselves)"
+        )
+    return side
+
+
+def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, weights: str = "model") -> Path:
     """Consolidate the newest complete checkpoint of any registered trainer's run into ``out``. A previous export
-    there is replaced; a folder with other files is refused unless ``overwrite`` (which keeps those files)."""
+    there is replaced; a folder with other files is refused unless ``overwrite`` (which keeps those files).
+    ``weights="ema"`` exports the run's moving average of the weights (its side state ``ema``) instead."""
 
     from tokscale.outputs import check_target, output_folder
     from tokscale.registry import trainer
@@ -154,7 +167,17 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     cfg = read_config(run_dir)
     name = trainer_name(cfg, run_dir / CONFIG)
     task_cls = trainer(name)
-    state = consolidated_state_dict(ckpt)
+    if weights not in ("model", "ema"):
+        raise ValueError(f"weights={weights!r}: expected 'model' or 'ema'")
+    if weights == "ema":
+        state = ema_state_dict(ckpt)
+        missing = sorted(set(consolidated_state_dict(ckpt)) - set(state))
+        if missing:
+            raise ValueError(
+                f"{ckpt}: the EMA lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+    else:
+        state = consolidated_state_dict(ckpt)
     info = json.loads((ckpt / "COMPLETE").read_text())
     training = {
         "trainer": name,
@@ -164,6 +187,7 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Pat
         "data": (cfg.get("data") or {}).get("train_shards"),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_run": str(run_dir.resolve()),
+        "weights": weights,
     }
     metrics = eval_metrics(run_dir)
     params = sum(v.numel() for v in state.values())

@@ -134,6 +134,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write into OUT even when it holds other files (they are kept; only the export's files are replaced)",
     )
+    export.add_argument(
+        "--weights",
+        default="model",
+        choices=["model", "ema"],
+        help="the weights, or the run's moving average of them (a trainer with an EMA: c2i's ema_decay)",
+    )
     export.set_defaults(func=export_command)
 
     publish = sub.add_parser(
@@ -207,7 +213,8 @@ def submit_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from tokscale.export import export
 
-    print(json.dumps({"exported": str(export(args.run_dir, args.out, overwrite=args.overwrite))}))
+    out = export(args.run_dir, args.out, overwrite=args.overwrite, weights=args.weights)
+    print(json.dumps({"exported": str(out)}))
     return 0
 
 

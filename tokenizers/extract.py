@@ -168,13 +168,14 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
     info = init_distributed()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tar.tmp-*"):  # a crashed writer's partial tar (never renamed into place)
-        if info.rank == 0:
-            stale.unlink(missing_ok=True)
     urls = resolve_shards(cfg.data, cfg.split)
     default_id, config_hash = tokenizer_identity(cfg.tokenizer)
     ident = cfg.tokenizer_id or default_id
     mine = [(i, u) for i, u in enumerate(urls) if i % info.world_size == info.rank]
+    # a crashed writer's partial tar of one of this rank's shards (never renamed into place)
+    for i, _ in mine:
+        for stale in out.glob(f"s{i:06d}-*.tar.tmp-*"):
+            stale.unlink(missing_ok=True)
     todo = [(i, u) for i, u in mine if not _done(out, f"s{i:06d}")]
     log.info(
         "rank %d: %d of its %d shards to extract (%d finished before)",

@@ -207,3 +207,45 @@ def test_the_reference_recipes_carry_their_settings(name, preset, lr, schedule, 
             "sqrt",
             0.0,
         )
+
+
+def test_the_ema_of_the_weights_resumes_exactly_and_exports_with_weights_ema(shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from tokscale.checkpoint import latest_checkpoint
+    from tokscale.export import export
+
+    over = ("train.max_steps=6", "train.ckpt_every=3", "ema_decay=0.5")
+    whole = tmp_path / "whole"
+    train(C2ITask, cfg(whole, shards, *over))
+    split = tmp_path / "split"
+    calls = {"n": 0}
+
+    def stop_after_four():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    train(C2ITask, cfg(split, shards, *over), should_stop=stop_after_four)
+    train(C2ITask, cfg(split, shards, *over))
+
+    def ema_of(run):
+        return torch.load(latest_checkpoint(run)[1] / "trainer.pt", weights_only=False)["ema"]
+
+    a, b = ema_of(whole), ema_of(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = export(whole, tmp_path / "export-ema", weights="ema")
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(weights[k], a[k]) for k in a)
+    plain = load_file(str(export(whole, tmp_path / "export", weights="model") / "model.safetensors"))
+    assert not torch.equal(plain["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+    assert json.loads((out / "training.json").read_text())["weights"] == "ema"
+    with pytest.raises(ValueError, match="no EMA of the weights"):
+        export(_run_without_ema(shards, tmp_path), tmp_path / "x", weights="ema")
+    with pytest.raises(ValueError, match="zero_stage=3"):
+        cfg(tmp_path / "z3", shards, "ema_decay=0.9", "train.zero_stage=3")
+
+
+def _run_without_ema(shards, tmp_path):
+    run = tmp_path / "no-ema"
+    train(C2ITask, cfg(run, shards, "train.max_steps=1", "train.ckpt_every=1"))
+    return run
