@@ -22,7 +22,7 @@ from tokscale.data.locations import resolve_shards  # noqa: E402
 from tokscale.data.samples import decode_image, iter_raw_samples  # noqa: E402
 from tokscale.data.tokens import load_tokens  # noqa: E402
 from tokscale.data.transforms import adm_center_crop, to_tensor  # noqa: E402
-from tokscale.tokenizers.extract import ExtractConfig, crops, main  # noqa: E402
+from tokscale.tokenizers.extract import ExtractConfig, crops  # noqa: E402
 from tokscale.tokenizers.load import load_tokenizer  # noqa: E402
 
 
@@ -44,14 +44,25 @@ def shard_digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
 
 
-def run_in_process(cfg: ExtractConfig, should_stop=None) -> dict:
-    import torch.distributed as dist
-
-    try:
-        return main(cfg, should_stop)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def run_extract(cfg: ExtractConfig, stop_after_first_shard: bool = False) -> dict:
+    """main() in its own process (it sets up and tears down a process group, which must not happen in the test
+    process: later in-process DeepSpeed engines would find their group gone)."""
+    code = (
+        "import json, sys\n"
+        "from tokscale.tokenizers.extract import load_config, main\n"
+        "cfg = load_config(None, sys.argv[2:])\n"
+        "stop = (lambda: True) if sys.argv[1] == '1' else None\n"
+        "print('RESULT ' + json.dumps(main(cfg, stop)))\n"
+    )
+    dots = [f"{k}={v}" for k, v in vars(cfg).items() if v != ""]
+    res = subprocess.run(
+        [sys.executable, "-c", code, "1" if stop_after_first_shard else "0", *dots],
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +99,10 @@ def test_a_stopped_extraction_resumes_and_ends_with_the_same_shards(tiny_export,
         tokenizer=str(tiny_export), data="embedded", split="eval", out=str(out), aug="center_flip",
         batch_size=48, progress=False,
     )  # fmt: skip
-    first = run_in_process(cfg, should_stop=lambda: True)  # stops after its first finished shard
+    first = run_extract(cfg, stop_after_first_shard=True)  # stops after its first finished shard
     assert first["status"] == "stopped" and len(list(out.glob("*.tar"))) == 1
     (out / "s000001-000000.tar.tmp-999").write_bytes(b"partial")  # a crashed writer's leftover
-    again = run_in_process(cfg)
+    again = run_extract(cfg)
     assert again["status"] == "finished" and again["images"] == 75  # only the unfinished shard was redone
     assert shard_digests(out) == shard_digests(extracted)
     assert not list(out.glob("*.tmp-*"))
