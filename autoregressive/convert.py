@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tokscale.autoregressive.presets import SIZES
+from tokscale.export import ConversionError, check_keys_fit
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ TOP_KEYS = {
     "norm.weight": "norm.weight",
     "output.weight": "head.weight",
 }
-
-
-class ConversionError(ValueError):
-    pass
 
 
 def rename(key: str) -> str | None:
@@ -225,13 +222,7 @@ def convert_state_dict(state: dict, cfg, where: str = "checkpoint") -> dict[str,
             )
         out[name] = value.detach().float().contiguous()
     missing = [k for k in expected if k not in out]
-    if unknown or missing:
-        raise ConversionError(
-            f"{where}: the state dict does not fit the model its shapes describe: "
-            + (f"unexpected keys {unknown}" if unknown else "")
-            + ("; " if unknown and missing else "")
-            + (f"missing tokscale keys {missing}" if missing else "")
-        )
+    check_keys_fit(where, "shapes", unknown, missing)
     return out
 
 

@@ -32,6 +32,24 @@ MANIFEST = "SHA256SUMS"
 DEFAULT_TRAINER = "tokenizer"  # runs written before configs recorded their schema came from this trainer
 
 
+class ConversionError(ValueError):
+    """Another project's checkpoint that a ``tokscale convert`` command cannot turn into an export."""
+
+
+def check_keys_fit(where: str, describes: str, unknown: list[str], missing: list[str]) -> None:
+    """A converted state dict must fill the model exactly: name the reference keys nothing takes and the tokscale
+    keys nothing filled."""
+    if unknown or missing:
+        raise ConversionError(
+            f"{where}: the state dict does not fit the model its {describes} describe"
+            + ("s" if describes == "config" else "")
+            + ": "
+            + (f"unexpected keys {unknown}" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"missing tokscale keys {missing}" if missing else "")
+        )
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tokscale.export import ConversionError, check_keys_fit
 from tokscale.tokenizers.presets import SIZES
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,6 @@ FIXED = {
     "with_prior_model": False,
     "prior_model_config": None,
 }
-
-
-class ConversionError(ValueError):
-    pass
 
 
 def _size(name, which: str, where: str) -> tuple[int, int, int]:
@@ -328,13 +325,7 @@ def convert_state_dict(state: dict, cfg, where: str = "checkpoint") -> dict[str,
             )
         out[name] = value.contiguous()
     missing = [k for k in expected if k not in out]
-    if unknown or missing:
-        raise ConversionError(
-            f"{where}: the state dict does not fit the model its config describes: "
-            + (f"unexpected keys {unknown}" if unknown else "")
-            + ("; " if unknown and missing else "")
-            + (f"missing tokscale keys {missing}" if missing else "")
-        )
+    check_keys_fit(where, "config", unknown, missing)
     return out
 
 
