@@ -4,20 +4,21 @@
     tokscale sample exports/llamagen-gpt-B --tokenizer exports/llamagen-vq --classes all --num 50 out/ \\
         --cfg-scale 1.75 --cfg-schedule step --top-k 0 --temperature 1.0 --seed 0 --batch-size 64
 
+    tokscale sample runs/c2i --tokenizer runs/tok --classes all --num 50 out/ --nproc 4     # 4 local ranks
+    tokscale sample runs/c2i --tokenizer runs/tok --classes all --num 50 out/ --submit --gpus-per-node 8
+
 Writes ``OUT/images/{index:06d}_class{label}.png``, ``OUT/grid.png`` (up to 64 samples) and ``OUT/samples.json``
-(the settings, the labels, the codes), into a temporary sibling renamed into place at the end. The GPT and the
-tokenizer must agree: a codebook larger than the GPT's vocabulary, another token count, or (when the GPT's
-training shards recorded it) another tokenizer config hash is refused, naming both.
+(the settings, the labels, the codes), built in ``OUT.sample-job/staging`` and renamed into place at the end. The images depend
+on the seed, the settings and ``--batch-size``, not on the rank count; a killed run, rerun with the same
+settings, resumes from the finished batches (tokscale.autoregressive.sample_job). The GPT and the tokenizer must
+agree: a codebook larger than the GPT's vocabulary, another token count, or (when the GPT's training shards
+recorded it) another tokenizer config hash is refused, naming both, before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def add_sample_command(sub: argparse._SubParsersAction) -> None:
@@ -44,124 +45,42 @@ def add_sample_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (a check; slow)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing sample folder")
+    from tokscale.jobs.cli import add_job_flags
+
+    add_job_flags(p)
     p.set_defaults(func=sample_command)
 
 
-def _trained_tokenizer_hash(gpt_path: Path) -> str | None:
-    """The tokenizer config sha256 that the GPT's training token shards recorded, when they can be found."""
-    from omegaconf import OmegaConf
-
-    cfg_file = gpt_path / "config.yaml"
-    raw = OmegaConf.load(cfg_file)
-    tokens = OmegaConf.select(raw, "data.train_tokens", default=None)
-    if not tokens:
-        return None
-    manifest = Path(str(tokens)) / "manifest.json"
-    if not manifest.is_file():
-        log.warning(
-            "the GPT's training shards %s are not here: the tokenizer's config hash is not checked", tokens
-        )
-        return None
-    return json.loads(manifest.read_text()).get("tokenizer_config_sha256")
-
-
-def check_pair(gpt_cfg, tokenizer, gpt_path: Path, tokenizer_path: str) -> None:
-    if tokenizer.codebook_size > gpt_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_path} has codebook_size {tokenizer.codebook_size}; the GPT {gpt_path} has "
-            f"vocab_size {gpt_cfg.vocab_size}"
-        )
-    if tokenizer.num_tokens != gpt_cfg.num_tokens:
-        raise ValueError(
-            f"tokenizer {tokenizer_path} makes {tokenizer.num_tokens} tokens per image; the GPT {gpt_path} "
-            f"generates {gpt_cfg.num_tokens}"
-        )
-    trained = _trained_tokenizer_hash(gpt_path)
-    if trained:
-        from tokscale.tokenizers.extract import tokenizer_identity
-
-        _, given = tokenizer_identity(tokenizer_path)
-        if given != trained:
-            raise ValueError(
-                f"the GPT {gpt_path} was trained on codes of a tokenizer with config sha256 {trained[:12]}..., "
-                f"but {tokenizer_path} has {given[:12]}..."
-            )
-
-
 def sample_command(args: argparse.Namespace) -> int:
-    import shutil
+    from tokscale.autoregressive.sample_job import SampleJobConfig, load_config, prepare
+    from tokscale.config import load_config as load
 
-    import torch
-    from torchvision.utils import make_grid
+    dotlist = [
+        f"gpt={args.gpt}",
+        f"tokenizer={args.tokenizer}",
+        f"out={args.out}",
+        f"classes={args.classes}",
+        f"num={args.num}",
+        f"seed={args.seed}",
+        f"batch_size={args.batch_size}",
+        f"device={args.device}",
+        f"use_cache={not args.no_cache}",
+        f"overwrite={args.overwrite}",
+        f"sample.cfg_scale={args.cfg_scale}",
+        f"sample.cfg_schedule={args.cfg_schedule}",
+        f"sample.cfg_start_ratio={args.cfg_start_ratio}",
+        f"sample.temperature={args.temperature}",
+        f"sample.top_k={args.top_k}",
+        f"sample.top_p={args.top_p}",
+    ]
+    cfg = load(SampleJobConfig, None, dotlist)
+    path = prepare(cfg)  # checked before any process starts or any job is submitted
+    from tokscale.jobs.cli import run_job_module
 
-    from tokscale.autoregressive.load import load_gpt
-    from tokscale.autoregressive.sample import SampleConfig, generate
-    from tokscale.images import save_png, to_unit
-    from tokscale.tokenizers.load import load_tokenizer
-
-    out = Path(args.out)
-    if out.exists() and not (args.overwrite and (out / "samples.json").is_file()):
-        raise FileExistsError(
-            f"{out} exists; choose a new folder (or --overwrite to replace an earlier tokscale sample folder)"
-        )
-    if args.num < 1 or args.batch_size < 1:
-        raise ValueError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return run_job_module(
+        args,
+        "tokscale.autoregressive.sample_job",
+        load_config(path),
+        path,
+        lambda out: print(json.dumps(out)),
     )
-    gpt = load_gpt(args.gpt, device)
-    tokenizer = load_tokenizer(args.tokenizer, device)
-    check_pair(gpt.config, tokenizer, Path(args.gpt), args.tokenizer)
-    if args.classes == "all":
-        classes = list(range(gpt.config.num_classes))
-    else:
-        try:
-            classes = [int(c) for c in args.classes.split(",") if c.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--classes {args.classes!r}: expected comma-separated integers or 'all'"
-            ) from None
-    bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
-    if bad or not classes:
-        raise ValueError(
-            f"--classes {bad or args.classes}: expected indices in 0..{gpt.config.num_classes - 1}"
-        )
-    cfg = SampleConfig(
-        cfg_scale=args.cfg_scale,
-        cfg_schedule=args.cfg_schedule,
-        cfg_start_ratio=args.cfg_start_ratio,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-    )
-    labels = torch.tensor([c for c in classes for _ in range(args.num)])
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    tmp = out.with_name(out.name + ".tmp-sample")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    codes, images = [], []
-    for part in labels.split(args.batch_size):
-        c = generate(gpt, part.to(device), cfg, gen, use_cache=not args.no_cache)
-        x = tokenizer.decode(c).clamp(-1, 1).cpu()
-        for i in range(len(part)):
-            index = len(codes) + i
-            save_png(to_unit(x[i]), tmp / "images" / f"{index:06d}_class{int(part[i])}.png")
-        codes.extend(c.cpu().tolist())
-        images.append(x[: max(0, 64 - sum(len(t) for t in images))])
-    save_png(make_grid(to_unit(torch.cat(images)), nrow=8, padding=0), tmp / "grid.png")
-    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    record = {
-        "gpt": str(Path(args.gpt).resolve()),
-        "tokenizer": str(Path(args.tokenizer).resolve()),
-        "seed": args.seed,
-        "kv_cache": not args.no_cache,
-        **settings,
-        "labels": labels.tolist(),
-        "codes": codes,
-    }
-    (tmp / "samples.json").write_text(json.dumps(record))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(json.dumps({"out": str(out), "samples": len(codes)}))
-    return 0

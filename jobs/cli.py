@@ -53,6 +53,46 @@ def add_slurm_flags(group) -> None:
     group.add_argument("--job-config", default=None, help="YAML with JobConfig fields; flags override it")
 
 
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """``--nproc N`` and ``--submit`` with the Slurm flags: how a job module (extract, eval, sample) runs.
+    Read back by :func:`run_job_module`."""
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
+    )
+    slurm = parser.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
+    slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
+    add_slurm_flags(slurm)
+
+
+def run_job_module(args: argparse.Namespace, module: str, cfg, config_path: Path, report) -> int:
+    """Run a job module (``load_config`` + ``main(cfg, should_stop)``, a tokscale.registry runnable) as the
+    flags of :func:`add_job_flags` ask: submitted to Slurm (prints the submitted runs), in ``--nproc`` local
+    processes (each runs ``python -m MODULE CONFIG_PATH``), or in this process, where ``report(result)``
+    prints main's result and the process group main brought up is torn down again."""
+    args.log_dir = str(Path(cfg.run_dir) / "logs")  # where tokscale.errors writes a failure's traceback
+    if args.submit:
+        from tokscale.jobs.submission import submit
+
+        runs = submit(module, str(config_path), [], job_config_from_args(args))
+        print(json.dumps([r.describe() for r in runs], indent=2))
+        return 0
+    if args.nproc > 1:
+        from tokscale.jobs.local import launch_local
+
+        return launch_local(args.nproc, ["-m", module, str(config_path)])
+    import importlib
+
+    import torch.distributed as dist
+
+    try:
+        result = importlib.import_module(module).main(cfg)
+    finally:
+        if dist.is_initialized():  # the world of one that main() set up
+            dist.destroy_process_group()
+    report(result)
+    return 0
+
+
 def _registered() -> str:
     from tokscale.registry import trainer_specs
 

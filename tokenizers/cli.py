@@ -78,14 +78,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     ex.add_argument("--split", default="train", help="split of the embedded dataset (train | eval)")
     ex.add_argument("--no-verify", action="store_true", help="skip checking an export against its SHA256SUMS")
-    ex.add_argument(
-        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
-    )
-    slurm = ex.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
-    slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
-    from tokscale.jobs.cli import add_slurm_flags
+    from tokscale.jobs.cli import add_job_flags
 
-    add_slurm_flags(slurm)
+    add_job_flags(ex)
     ex.set_defaults(func=extract)
 
     demo = sub.add_parser(
@@ -184,10 +179,8 @@ def bench_zero(args: argparse.Namespace) -> int:
 
 
 def extract(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tokscale.config import load_config
-    from tokscale.tokenizers.extract import ExtractConfig, main, write_config
+    from tokscale.tokenizers.extract import ExtractConfig, write_config
 
     cfg = load_config(
         ExtractConfig,
@@ -203,24 +196,8 @@ def extract(args: argparse.Namespace) -> int:
         ]
         + ([f"tokenizer_id={args.tokenizer_id}"] if args.tokenizer_id else []),
     )
-    args.log_dir = str(Path(cfg.out) / "logs")
-    if args.submit:
-        from tokscale.jobs.cli import job_config_from_args
-        from tokscale.jobs.submission import submit
+    from tokscale.jobs.cli import run_job_module
 
-        runs = submit("tokscale.tokenizers.extract", str(write_config(cfg)), [], job_config_from_args(args))
-        print(json.dumps([r.describe() for r in runs], indent=2))
-        return 0
-    if args.nproc > 1:
-        from tokscale.jobs.local import launch_local
-
-        return launch_local(args.nproc, ["-m", "tokscale.tokenizers.extract", str(write_config(cfg))])
-    import torch.distributed as dist
-
-    try:
-        out = main(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    print(json.dumps(out))
-    return 0
+    return run_job_module(
+        args, "tokscale.tokenizers.extract", cfg, write_config(cfg), lambda out: print(json.dumps(out))
+    )

@@ -35,16 +35,11 @@ def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
             "--no-verify", action="store_true", help="skip checking an export's files against its SHA256SUMS"
         )
     p.add_argument(
-        "--nproc", type=int, default=1, help="local processes (one per GPU, or CPU ranks over gloo)"
-    )
-    p.add_argument(
         "overrides", nargs="*", help="dotlist overrides, e.g. eval.is_splits=10 data.num_workers=4"
     )
-    slurm = p.add_argument_group("Slurm (run as a job through tokscale.jobs instead of locally)")
-    slurm.add_argument("--submit", action="store_true", help="submit to Slurm and return")
-    from tokscale.jobs.cli import add_slurm_flags
+    from tokscale.jobs.cli import add_job_flags
 
-    add_slurm_flags(slurm)
+    add_job_flags(p)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -131,33 +126,16 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
 
 
 def _dispatch(args: argparse.Namespace, cfg) -> int:
-    from pathlib import Path
+    from tokscale.jobs.cli import run_job_module
+    from tokscale.tokenizers.eval_runner import write_config
 
-    from tokscale.tokenizers.eval_runner import main, write_config
-
-    args.log_dir = str(Path(cfg.run_dir) / "logs")  # where tokscale.errors writes a failure's traceback
-    if args.submit:
-        from tokscale.jobs.cli import job_config_from_args
-        from tokscale.jobs.submission import submit
-
-        runs = submit(
-            "tokscale.tokenizers.eval_runner", str(write_config(cfg)), [], job_config_from_args(args)
-        )
-        print(json.dumps([r.describe() for r in runs], indent=2))
-        return 0
-    if args.nproc > 1:
-        from tokscale.jobs.local import launch_local
-
-        return launch_local(args.nproc, ["-m", "tokscale.tokenizers.eval_runner", str(write_config(cfg))])
-    import torch.distributed as dist
-
-    try:
-        out = main(cfg)
-    finally:
-        if dist.is_initialized():  # the world of one main() set up
-            dist.destroy_process_group()
-    print(json.dumps(out["result"], indent=2))
-    return 0
+    return run_job_module(
+        args,
+        "tokscale.tokenizers.eval_runner",
+        cfg,
+        write_config(cfg),
+        lambda out: print(json.dumps(out["result"], indent=2)),
+    )
 
 
 def eval_recon(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ def test_samples_are_written_and_the_kv_cache_gives_the_same_codes(pair, tmp_pat
     )
     assert ra["codes"] == rb["codes"] and len({tuple(c) for c in ra["codes"]}) > 1
     assert len(list((tmp_path / "a" / "images").glob("*_class2.png"))) == 3
-    assert (tmp_path / "a" / "grid.png").is_file() and not list(tmp_path.glob("*.tmp-sample"))
+    assert (tmp_path / "a" / "grid.png").is_file() and not list(tmp_path.glob("*.sample-job"))
     again = tokscale(gpt, tmp_path / "a", *common)
     assert again.returncode != 0 and "exists" in error_line(again)
 
@@ -110,3 +110,66 @@ def test_bench_sample_prints_cached_and_uncached_throughput_as_one_json_object()
     assert out["benchmark"] == "ar_sample" and out["num_tokens"] == 16 and out["cfg_scale"] == 2.0
     assert out["tokens_per_s_kv_cache"] > 0 and out["tokens_per_s_no_cache"] > 0
     assert out["speedup"] == pytest.approx(out["tokens_per_s_kv_cache"] / out["tokens_per_s_no_cache"])
+
+
+COMMON = ["--classes", "0,1,2", "--num", "3", "--cfg-scale", "2", "--seed", "7", "--batch-size", "2"]
+
+
+def codes_of(folder: Path) -> list:
+    return json.loads((folder / "samples.json").read_text())["codes"]
+
+
+def test_two_ranks_sample_the_same_images_as_one_each_once(pair, tmp_path):
+    gpt, tok = pair
+    one = tokscale(gpt, tmp_path / "one", "--tokenizer", tok, *COMMON)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = tokscale(gpt, tmp_path / "two", "--tokenizer", tok, *COMMON, "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert codes_of(tmp_path / "two") == codes_of(tmp_path / "one")
+    names = sorted(p.name for p in (tmp_path / "two" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one" / "images").iterdir()) and len(names) == 9
+    assert not list(tmp_path.glob("*.sample-job"))
+
+
+RESUME = """
+import sys
+from tokscale.autoregressive.sample_job import load_config, main
+calls = []
+def stop():
+    calls.append(1)
+    return len(calls) >= 2  # a preemption once two batches are done
+print(main(load_config(sys.argv[1]), should_stop=stop))
+"""
+
+
+def test_a_stopped_or_crashed_sampling_resumes_with_the_same_images(pair, tmp_path):
+    gpt, tok = pair
+    whole = tokscale(gpt, tmp_path / "whole", "--tokenizer", tok, *COMMON)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    from tokscale.autoregressive.sample_job import SampleJobConfig, prepare
+    from tokscale.config import load_config
+
+    cfg = load_config(
+        SampleJobConfig,
+        None,
+        [f"gpt={gpt}", f"tokenizer={tok}", f"out={tmp_path / 'resumed'}", "classes=0,1,2", "num=3",
+         "seed=7", "batch_size=2", "sample.cfg_scale=2", "progress=false"],
+    )  # fmt: skip
+    path = prepare(cfg)
+    stopped = subprocess.run(
+        [sys.executable, "-c", RESUME, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert "'status': 'stopped'" in stopped.stdout, stopped.stderr[-2000:]
+    work = tmp_path / "resumed.sample-job"
+    assert sorted(p.name for p in (work / "chunks").glob("*.json")) == ["c000000.json", "c000001.json"]
+    (work / "chunks" / "c000001.json").unlink()  # as if killed between that batch's PNGs and its record
+    (work / "chunks" / "c000001.json.tmp-99").write_text("{")
+    other = tokscale(gpt, tmp_path / "resumed", "--tokenizer", tok, *COMMON[:-1], "3")
+    assert (
+        other.returncode != 0 and "other settings" in error_line(other) and "batch_size" in error_line(other)
+    )
+    again = tokscale(gpt, tmp_path / "resumed", "--tokenizer", tok, *COMMON)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 of 5 chunks finished before" in again.stderr
+    assert codes_of(tmp_path / "resumed") == codes_of(tmp_path / "whole")
+    assert not work.exists()
