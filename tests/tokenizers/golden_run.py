@@ -6,17 +6,42 @@ semantic loss against a random DINOv2 ViT-S/14 teacher, GigaTok's auxiliary shor
 schedule and the augmentation RNG are exercised). CPU, fp32, one rank.
 
     python tests/tokenizers/golden_run.py RUN_DIR SHARDS OUT.json     # re-record (only after a deliberate change)
+
+Every process of the run (the weights too) runs under PINNED_ENV: one thread, ATen's scalar kernels, oneDNN's
+SSE4.1 code path and MKL's cross-CPU reproducible mode. With the machine's own AVX-512 / AVX2 kernels, two Xeons
+differed by 1.5e-4 in the first gradient norm and Adam's first steps amplified that to 5% by step 2.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
+PINNED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "MKL_CBWR": "COMPATIBLE",
+}
+
+
+def pinned_env() -> dict[str, str]:
+    return {**os.environ, **PINNED_ENV}
+
+
+def write_weights_pinned(folder: Path) -> tuple[Path, Path]:
+    """write_weights in a process under PINNED_ENV (torch's vectorised normal_ differs between CPU kernels)."""
+    subprocess.run(
+        [sys.executable, __file__, "weights", str(folder)], env=pinned_env(), check=True, timeout=300
+    )
+    return folder / "vgg16.pth", folder / "dinov2_vits14.pth"
 
 
 def write_weights(folder: Path) -> tuple[Path, Path]:
@@ -81,6 +106,11 @@ def logged_losses(run_dir) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "weights":
+        write_weights(Path(sys.argv[2]))
+        sys.exit(0)
+    if any(os.environ.get(k) != v for k, v in PINNED_ENV.items()):
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], pinned_env())
     run_dir, shards, out = sys.argv[1:]
     vgg, dino = write_weights(Path(run_dir).parent / "weights")
     from tokscale.tokenizers.train import load_train_config, main
