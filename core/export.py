@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tokscale.checkpoint import consolidated_state_dict, latest_checkpoint
+from tokscale.jsonio import strict_dumps
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def write_export(
         OmegaConf.to_yaml({"schema": name, **{k: v for k, v in cfg.items() if k != "schema"}})
     )
     (tmp / TRAINING).write_text(json.dumps(training, indent=2))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / "metrics.json").write_text(strict_dumps(metrics, indent=2))
     (tmp / "README.md").write_text(card)
     sums = [f"{sha256(p)}  {p.name}" for p in sorted(tmp.iterdir())]
     (tmp / MANIFEST).write_text("\n".join(sums) + "\n")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
+
+from tokscale.jsonio import strict_dumps
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class MetricLogger:
             return
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.write(strict_dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
 
     def image(self, step: int, tag: str, grid_CHW: torch.Tensor) -> None:

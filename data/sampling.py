@@ -206,7 +206,8 @@ class TrainShards(IterableDataset):
 
 
 class EvalRanges(IterableDataset):
-    """One rank's evaluation samples: worker w reads global indices ``ranges[w]`` and yields them in order."""
+    """One rank's evaluation samples: worker w reads global indices ``ranges[w]`` and yields them in order,
+    in batches ``(images, labels, keys, global indices int64, skipped)``."""
 
     def __init__(
         self,
@@ -222,7 +223,7 @@ class EvalRanges(IterableDataset):
         self.urls, self.counts, self.ranges, self.transform = urls, counts, ranges, transform
         self.batch_size, self.policy, self.check_counts = batch_size, policy, check_counts
 
-    def samples(self, lo: int, hi: int) -> Iterator[RawSample]:
+    def samples(self, lo: int, hi: int) -> Iterator[tuple[int, RawSample]]:
         offset = 0
         for url, count, check in zip(self.urls, self.counts, self.check_counts):
             if offset >= hi:
@@ -233,7 +234,7 @@ class EvalRanges(IterableDataset):
                         if offset + i >= hi or i >= count:  # beyond count: the unreadable tail a scan found
                             break
                         if offset + i >= lo:
-                            yield raw
+                            yield offset + i, raw
                 except ShardError as err:
                     if self.policy == "error":
                         raise
@@ -247,8 +248,8 @@ class EvalRanges(IterableDataset):
         lo, hi = self.ranges[worker_id]
         if lo >= hi:
             return
-        images, labels, keys, self._skipped = [], [], [], 0
-        for raw in self.samples(lo, hi):
+        images, labels, keys, indices, self._skipped = [], [], [], [], 0
+        for index, raw in self.samples(lo, hi):
             try:
                 label = sample_label(raw)
                 image = self.transform(decode_image(raw))
@@ -261,10 +262,11 @@ class EvalRanges(IterableDataset):
             images.append(image)
             labels.append(label)
             keys.append(raw.key)
+            indices.append(index)
             if len(images) == self.batch_size:
-                yield (*stack_batch(images, labels), keys, self._skipped)
-                images, labels, keys, self._skipped = [], [], [], 0
+                yield (*stack_batch(images, labels), keys, torch.tensor(indices), self._skipped)
+                images, labels, keys, indices, self._skipped = [], [], [], [], 0
         if images:
-            yield (*stack_batch(images, labels), keys, self._skipped)
+            yield (*stack_batch(images, labels), keys, torch.tensor(indices), self._skipped)
         elif self._skipped:  # only skips left to report: an empty batch the stream drops after counting
             yield (torch.empty(0), torch.empty(0, dtype=torch.int64), [], self._skipped)

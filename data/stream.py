@@ -164,7 +164,9 @@ class TrainStream:
 
 
 class EvalStream:
-    """Each evaluation sample once across ranks and workers: (images ADM-centre-cropped in [-1, 1], labels, keys)."""
+    """Each evaluation sample once across ranks and workers: (images ADM-centre-cropped in [-1, 1], labels, keys,
+    indices), ``indices`` int64 the samples' positions in the shards' order (the same whatever the rank and
+    worker count: what makes the Inception Score's splits depend on the images only)."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, max_samples: int | None = None):
         _check_rank(rank, world_size)
@@ -206,7 +208,7 @@ class EvalStream:
     def __len__(self) -> int:
         return self.range[1] - self.range[0]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]]:
         dataset = EvalRanges(
             self.urls,
             self.counts,
@@ -217,10 +219,10 @@ class EvalStream:
             check_counts=self.check_counts,
         )
         self.num_skipped = self._scan_skipped
-        for images, labels, keys, num_skipped in _loader(dataset, self.cfg.num_workers):
+        for images, labels, keys, indices, num_skipped in _loader(dataset, self.cfg.num_workers):
             self.num_skipped += num_skipped
             if keys:
-                yield images, labels, list(keys)
+                yield images, labels, list(keys), indices
         if self.num_skipped:
             log.warning(
                 "evaluation stream on rank %d skipped %d bad samples or shards", self.rank, self.num_skipped

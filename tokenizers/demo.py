@@ -11,13 +11,13 @@ start then end) and the TensorBoard logs under ``tb/``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from tokscale.images import image_grid, save_png, to_unit
+from tokscale.jsonio import strict_dumps
 from tokscale.tokenizers.train import load_train_config, main
 
 NUM_EVAL_IMAGES = 64
@@ -27,7 +27,7 @@ def eval_images(cfg) -> torch.Tensor:
     from tokscale.data.stream import EvalStream
 
     images = []
-    for batch, _labels, _keys in EvalStream(cfg.data, rank=0, world_size=1, max_samples=NUM_EVAL_IMAGES):
+    for batch, *_ in EvalStream(cfg.data, rank=0, world_size=1, max_samples=NUM_EVAL_IMAGES):
         images.append(batch)
     return torch.cat(images)
 
@@ -80,7 +80,7 @@ def demo(run_dir: str, overrides: list[str]) -> dict:
         "ssim_gain": end["ssim"] - start["ssim"],
     }
     out = Path(run_dir)
-    (out / "demo_metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "demo_metrics.json").write_text(strict_dumps(report, indent=2))
     grid = image_grid(to_unit(images), to_unit(recon_start), to_unit(recon_end))
     save_png(grid, out / "demo_reconstruction.png")
     report["files"] = {

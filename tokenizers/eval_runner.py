@@ -13,7 +13,6 @@ which the Slurm job of tokscale.jobs runs, so submission reuses it unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from tokscale.data.stream import DataConfig
 from tokscale.evaluation.config import EvalConfig
 from tokscale.evaluation.probe import ProbeConfig
+from tokscale.jsonio import strict_dumps
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _load_tokenizer(cfg: EvalJobConfig, device):
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    tmp.write_text(strict_dumps(payload, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -138,7 +138,10 @@ def run_recon(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
         out = Path(cfg.run_dir)
         step = _checkpoint_step(cfg.tokenizer)
         logger = MetricLogger(out, enabled=True)
-        logger.scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()})
+        # An undefined metric (None, with a *_undefined_reason string beside it) has no scalar to plot.
+        logger.scalars(
+            step, {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        )
         if result.grid is not None:
             logger.image(step, "eval/reconstructions", result.grid)
             from tokscale.images import save_png

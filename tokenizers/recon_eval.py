@@ -35,7 +35,7 @@ from tokscale.evaluation.fid import (
 from tokscale.evaluation.image_metrics import CodeUsage, psnr_per_image, ssim_per_image
 from tokscale.evaluation.inception import FEATURE_DIM, load_inception, quantize_uint8
 from tokscale.evaluation.inception_score import InceptionScore
-from tokscale.evaluation.lockstep import lockstep, split_batch
+from tokscale.evaluation.lockstep import batch_indices, lockstep, split_batch
 from tokscale.images import image_grid, to_unit
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class ReconEvaluator:
                 pool, logits = self.inception(u_rec if crop_stats is None else torch.cat([u_rec, u_orig]))
                 n = images.shape[0]
                 rec_stats.update(pool[:n])
-                isc.update(logits[:n])
+                isc.update(logits[:n], batch_indices(batch))
                 if crop_stats is not None:
                     crop_stats.update(pool[n:])
             if rank == 0 and sum(t.shape[0] for t in grid_orig) < cfg.num_grid_images:
@@ -164,8 +164,9 @@ class ReconEvaluator:
         meta = StatsMeta(resolution=resolution, count=num)
         if self.inception is not None:
             rec_stats.all_reduce()
-            isc.all_reduce()
             metrics["is_mean"], metrics["is_std"] = isc.compute()
+            if isc.undefined_reason:
+                metrics["is_undefined_reason"] = isc.undefined_reason
             mu, sigma = rec_stats.mean_cov()
             if crop_stats is not None:
                 crop_stats.all_reduce()
@@ -235,7 +236,9 @@ def evaluate_in_training(
     if result.crop_stats is not None:
         evaluator.training_reference[key] = result.crop_stats
     scalars = {
-        f"eval/{k}": v for k, v in result.metrics.items() if k in TRAINING_SCALARS and not math.isnan(v)
+        f"eval/{k}": v
+        for k, v in result.metrics.items()
+        if k in TRAINING_SCALARS and v is not None and not math.isnan(v)
     }
     logger.scalars(step, scalars)
     if result.grid is not None:

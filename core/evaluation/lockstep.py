@@ -25,6 +25,15 @@ def split_batch(batch) -> tuple[torch.Tensor, list[str] | None]:
     return images, keys
 
 
+def batch_indices(batch) -> torch.Tensor | None:
+    """The samples' global dataset indices when the batch carries them (EvalStream's 4th element)."""
+    if isinstance(batch, dict):
+        return batch.get("indices")
+    if isinstance(batch, (tuple, list)) and len(batch) > 3:
+        return batch[3]
+    return None
+
+
 def lockstep(batches: Iterable, device) -> Iterator:
     """The batches, then ``None`` until every rank has run out; ends on all ranks together.
 

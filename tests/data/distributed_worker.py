@@ -35,7 +35,7 @@ def main() -> None:
         batches_per_epoch=4,
     )
     eval_stream = EvalStream(cfg, rank, world_size)
-    eval_keys = [k for _, _, keys in eval_stream for k in keys]
+    eval_keys = [k for _, _, keys, _ in eval_stream for k in keys]
 
     # Two epochs of training with a collective every step, as a trainer does: a rank that ran out early
     # would leave its peer blocked in all_reduce until the timeout.

@@ -27,7 +27,7 @@ def _cfg(location, **kw) -> DataConfig:
 
 
 def _eval_keys(stream) -> list[str]:
-    return [k for _, _, keys in stream for k in keys]
+    return [k for _, _, keys, _ in stream for k in keys]
 
 
 def _with_bad_sample(helpers, tmp_path, bad_members: dict[str, bytes]):

@@ -109,15 +109,15 @@ def test_a_state_from_another_format_is_refused(shard_dir):
 def test_the_evaluation_stream_yields_every_sample_once_in_a_stable_order(shard_dir):
     cfg = _cfg(shard_dir, num_workers=2, batch_size=5)
     stream = EvalStream(cfg, 0, 1)
-    keys = [k for _, _, ks in stream for k in ks]
-    again = [k for _, _, ks in EvalStream(cfg, 0, 1) for k in ks]
+    keys = [k for _, _, ks, _ in stream for k in ks]
+    again = [k for _, _, ks, _ in EvalStream(cfg, 0, 1) for k in ks]
     assert len(stream) == 24 and len(keys) == 24 and len(set(keys)) == 24
     assert keys == again
 
 
 def test_evaluation_splits_across_ranks_without_padding_even_when_uneven(shard_dir):
     cfg = _cfg(shard_dir, num_workers=2, batch_size=4)
-    per_rank = [[k for _, _, ks in EvalStream(cfg, r, 5) for k in ks] for r in range(5)]
+    per_rank = [[k for _, _, ks, _ in EvalStream(cfg, r, 5) for k in ks] for r in range(5)]
     assert [len(k) for k in per_rank] == [len(EvalStream(cfg, r, 5)) for r in range(5)] == [4, 5, 5, 5, 5]
     flat = [k for keys in per_rank for k in keys]
     assert len(flat) == len(set(flat)) == 24
@@ -126,7 +126,7 @@ def test_evaluation_splits_across_ranks_without_padding_even_when_uneven(shard_d
 def test_evaluation_max_samples_caps_the_total_across_ranks(shard_dir):
     cfg = _cfg(shard_dir)
     lengths = [len(EvalStream(cfg, r, 2, max_samples=7)) for r in range(2)]
-    keys = [k for r in range(2) for _, _, ks in EvalStream(cfg, r, 2, max_samples=7) for k in ks]
+    keys = [k for r in range(2) for _, _, ks, _ in EvalStream(cfg, r, 2, max_samples=7) for k in ks]
     assert lengths == [3, 4] and len(set(keys)) == 7
 
 
@@ -148,7 +148,7 @@ def test_one_shard_with_two_workers_and_two_ranks_still_yields_all_samples(tmp_p
         shuffle_buffer=2,
         batches_per_epoch=3,
     )
-    keys = [k for r in range(2) for _, _, ks in EvalStream(cfg, r, 2) for k in ks]
+    keys = [k for r in range(2) for _, _, ks, _ in EvalStream(cfg, r, 2) for k in ks]
     assert sorted(keys) == [f"s{i:05d}" for i in range(5)]
     assert len(_take(TrainStream(cfg, 1, 2), 4)) == 4
 

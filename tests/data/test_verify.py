@@ -177,14 +177,14 @@ def test_the_evaluation_stream_refuses_a_truncated_shard_before_reading_it(shard
 def test_under_the_skip_policy_a_resized_shard_is_skipped_and_counted(shard_dir):
     _grow(_shard(shard_dir, 1))
     stream = EvalStream(_cfg(shard_dir, bad_sample_policy="skip"), 0, 1)
-    keys = [k for _, _, batch in stream for k in batch]
+    keys = [k for _, _, batch, _ in stream for k in batch]
     assert len(keys) == 18 and stream.num_skipped == 1
 
 
 def test_shards_without_a_manifest_size_are_not_checked(tmp_path, helpers):
     helpers.write_tar(tmp_path / "n-0.tar", helpers.labelled_samples(0, 4))
     assert manifest_counts([str(tmp_path / "n-0.tar")]) == [None]
-    keys = [k for _, _, batch in EvalStream(_cfg(tmp_path / "n-0.tar"), 0, 1) for k in batch]
+    keys = [k for _, _, batch, _ in EvalStream(_cfg(tmp_path / "n-0.tar"), 0, 1) for k in batch]
     assert len(keys) == 4
 
 

@@ -37,10 +37,9 @@ def stats_mode(rank: int, world: int) -> dict:
     stats, isc, usage = GaussianStats(), InceptionScore(splits=2, rank=rank, world_size=world), CodeUsage(64)
     mine = list(range(rank, NUM, world))
     stats.update(feats[mine])
-    isc.update(logits[mine])
+    isc.update(logits[mine], torch.tensor(mine))
     usage.update(torch.arange(NUM)[mine] * 5)
     stats.all_reduce()
-    isc.all_reduce()
     usage.all_reduce()
     mu, sigma = stats.mean_cov()
     return {

@@ -134,3 +134,46 @@ def test_eval_recon_over_two_local_processes_counts_an_uneven_set_once(tiny_expo
     report = json.loads((out / "metrics.json").read_text())
     assert report["world_size"] == 2 and report["metrics"]["num_samples"] == 5
     assert (out / "eval_config.yaml").is_file()
+
+
+def test_is_and_fid_depend_on_the_images_only_not_on_ranks_or_workers_and_metrics_are_strict_json(
+    tiny_export, data_cache, tmp_path, inception_weights
+):
+    """The defect this guards: IS took its splits by arrival position, so 1 vs 2 ranks or 0 vs 2 workers gave
+    1.0371 / 1.0330 / 1.0317 on the same 200 images. 23 images, 10 splits: uneven shares everywhere."""
+
+    def refuse(name):
+        raise ValueError(f"metrics.json holds {name}")
+
+    results = {}
+    for name, extra in {"one": [], "two-ranks": ["--nproc", "2"], "two-workers": ["--workers", "2"]}.items():
+        out = tmp_path / name
+        r = tokscale(
+            "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "--data", "embedded",
+            "--no-lpips", "--inception-weights", str(inception_weights), "--num-samples", "23",
+            "--batch-size", "4", "--out", str(out), *(extra or ["--workers", "0"]),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[name] = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)["metrics"]
+    one = results["one"]
+    assert one["num_samples"] == 23 and one["is_mean"] > 1
+    for other in ("two-ranks", "two-workers"):
+        m = results[other]
+        assert m["num_samples"] == 23
+        # Random Inception weights give IS just above 1: compare the excess. Other batchings change the float32
+        # logits in the 7th digit (2.6e-9 on IS); splits taken by position changed the excess by far more.
+        assert m["is_mean"] - 1 == pytest.approx(one["is_mean"] - 1, rel=1e-3)
+        assert m["is_std"] == pytest.approx(one["is_std"], rel=1e-2)
+        # FID of 23 samples in 2048 dimensions is a near-singular sqrtm: float32 batching moves it by ~1.5e-6.
+        assert m["rfid"] == pytest.approx(one["rfid"], rel=1e-5)
+    few = tmp_path / "few"
+    r = tokscale(
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0", "--data",
+        "embedded", "--no-lpips", "--inception-weights", str(inception_weights), "--num-samples", "4",
+        "--out", str(few),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((few / "metrics.json").read_text(), parse_constant=refuse)["metrics"]
+    assert m["is_mean"] is None and "fewer than is_splits=10" in m["is_undefined_reason"]
+    for line in (few / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)

@@ -53,23 +53,55 @@ def test_frechet_distance_refuses_statistics_of_different_dimensions():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-def test_inception_score_equals_torch_fidelity_with_the_same_splits():
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_inception_score_equals_torch_fidelity_whatever_order_the_samples_arrive_in(shuffle):
     from torch_fidelity.metric_isc import isc_features_to_metric
 
-    logits = torch.randn(200, 1008, generator=torch.Generator().manual_seed(0)) * 3
-    isc = InceptionScore(splits=10)
-    for chunk, ids in zip(logits.split(37), (torch.arange(200) // 20).split(37)):
-        isc.update(chunk, split_ids=ids)  # torch-fidelity's contiguous splits (its shuffle off)
+    logits = torch.randn(203, 1008, generator=torch.Generator().manual_seed(0)) * 3
+    ref = isc_features_to_metric(logits, splits=10, shuffle=shuffle)  # its seed 2020 permutation
+    arrival = torch.randperm(203, generator=torch.Generator().manual_seed(1))  # as ranks/workers interleave
+    isc = InceptionScore(splits=10, shuffle=shuffle)
+    for idx in arrival.split(37):
+        isc.update(logits[idx], idx)
     mean, std = isc.compute()
-    ref = isc_features_to_metric(logits, splits=10, shuffle=False)
     assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
+    in_order = InceptionScore(splits=10, shuffle=shuffle)
+    in_order.update(logits, torch.arange(203))
+    assert in_order.compute() == pytest.approx((mean, std), rel=1e-12)
+    if shuffle:  # the permutation matters: contiguous splits of the same images give another score
+        plain = isc_features_to_metric(logits, splits=10, shuffle=False)["inception_score_mean"]
+        assert abs(plain - mean) > 1e-6
 
 
-def test_inception_score_is_nan_with_fewer_samples_than_splits():
+def test_inception_score_is_undefined_with_fewer_samples_than_splits_and_says_why():
     isc = InceptionScore(splits=10)
-    isc.update(torch.randn(5, 1008))
-    assert all(np.isnan(v) for v in isc.compute())
+    isc.update(torch.randn(5, 1008), torch.arange(5))
+    assert isc.compute() == (None, None) and "fewer than is_splits=10" in isc.undefined_reason
+
+
+def test_inception_score_refuses_a_sample_counted_twice():
+    isc = InceptionScore(splits=2)
+    isc.update(torch.randn(4, 1008), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match="index 1 was counted twice"):
+        isc.compute()
+
+
+def test_strict_json_writes_null_with_the_reason_for_non_finite_numbers():
+    import json
+    import math
+
+    from tokscale.jsonio import strict_dumps
+
+    def refuse(name):
+        raise ValueError(name)
+
+    text = strict_dumps({"a": math.nan, "b": [1.0, math.inf], "c": {"d": -math.inf}, "e": 2.0})
+    data = json.loads(text, parse_constant=refuse)
+    assert data == {"a": None, "a_undefined": "nan", "b": [1.0, None], "c": {"d": None, "d_undefined": "-inf"},
+                    "e": 2.0}  # fmt: skip
+    keep = json.loads(strict_dumps({"x": math.nan, "x_undefined": "too few samples"}))
+    assert keep == {"x": None, "x_undefined": "too few samples"}
 
 
 @pytest.mark.parametrize("data_range", [1.0, 2.0])
