@@ -180,13 +180,13 @@ class C2ITask(Task):
 
     @torch.no_grad()
     def evaluate(self, engine, step: int, logger) -> None:
-        """Mean next-token cross-entropy over the held-out shards (augmentation 0), split over ranks."""
+        """Mean next-token cross-entropy over the held-out shards (augmentation 0, the centre crop), split over
+        ranks."""
         from tokscale.data.tokens import load_tokens
 
         cfg, d = self.cfg, self.dist
         val = load_tokens(cfg.data.val_tokens, tokenizer_id=self.tokenizer_id)
-        keep = val["aug_ids"] == 0
-        tokens, labels = val["tokens"][keep], val["labels"][keep]
+        tokens, labels = val["tokens"][:, 0], val["labels"]  # (N, num_augs, T): augmentation 0 of each image
         if cfg.eval.max_samples:
             tokens, labels = tokens[: cfg.eval.max_samples], labels[: cfg.eval.max_samples]
         model = engine.module

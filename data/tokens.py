@@ -1,22 +1,26 @@
 """Token shards: what code extraction writes and the autoregressive trainers read.
 
-One shard is a tar (so it travels over the same paths, ``pipe:`` commands and URLs as image shards) of five
-members covering up to ``samples_per_shard`` samples:
+Format ``tokscale-tokens/2`` stores each source image once, as all its augmentations' codes plus its label. One
+shard is a tar (so it travels over the same paths, ``pipe:`` commands and URLs as image shards) of four members
+covering up to ``samples_per_shard`` images:
 
-- ``meta.json``: format, tokenizer_id, codebook_size, num_tokens, count, token dtype;
-- ``tokens.npy``: (count, num_tokens), uint16 when codebook_size <= 65536 (half the bytes of int32), else int32;
+- ``meta.json``: format, tokenizer_id, codebook_size, num_tokens, num_augs, count (images), token dtype;
+- ``tokens.npy``: (count, num_augs, num_tokens), uint16 when codebook_size <= 65536 (half the bytes of int32),
+  else int32; position a on axis 1 is augmentation a of the image (0 is the centre crop, see
+  tokscale.tokenizers.extract);
 - ``labels.npy``: (count,) int32 class indices;
-- ``aug_ids.npy``: (count,) int16: which crop / flip / augmentation of the source image (0..9 for ten-crop);
-- ``keys.json``: the source sample keys.
+- ``keys.json``: the source sample keys, one per image.
 
 A writer closes with ``manifest-<prefix>.json``; ``merge_manifests(out_dir)`` (rank 0, after every rank
 closed) combines them into ``manifest.json``. Readers check every shard's tokenizer_id and codebook_size
-against what the caller expects, so codes of one tokenizer never train an AR model meant for another.
+against what the caller expects, so codes of one tokenizer never train an AR model meant for another. Shards of
+format ``tokscale-tokens/1`` (one row per augmentation) are refused: re-run ``tokscale extract``.
 
-    writer = TokenShardWriter(out, "vq2d-SS.in1k", codebook_size=16384, num_tokens=256, prefix=f"r{rank:03d}")
-    writer.write(key, codes, label, aug_id); writer.close()
-    for tokens, label, aug_id in token_stream(f"{out}/*.tar", tokenizer_id="vq2d-SS.in1k", codebook_size=16384):
-        ...
+    writer = TokenShardWriter(out, "vq2d-SS.in1k", codebook_size=16384, num_tokens=256, num_augs=10,
+                              prefix=f"r{rank:03d}")
+    writer.write(key, codes, label)  # codes (10, 256): the image's ten crops; writer.close()
+    for tokens, label in token_stream(f"{out}/*.tar", tokenizer_id="vq2d-SS.in1k", codebook_size=16384):
+        ...  # tokens int64 (10, 256)
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import torch
 from tokscale.data.locations import expand_shards
 from tokscale.data.samples import ShardError, open_shard
 
-FORMAT = "tokscale-tokens/1"
-MEMBERS = ("meta.json", "tokens.npy", "labels.npy", "aug_ids.npy", "keys.json")
+FORMAT = "tokscale-tokens/2"
+OLD_FORMATS = ("tokscale-tokens/1",)  # one row per augmentation, with aug_ids.npy
+MEMBERS = ("meta.json", "tokens.npy", "labels.npy", "keys.json")
 
 
 def token_dtype(codebook_size: int) -> np.dtype:
@@ -51,6 +56,18 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _format_problem(where: str, fmt) -> str | None:
+    """Why a shard or manifest of format ``fmt`` cannot be read (None when it can)."""
+    if fmt == FORMAT:
+        return None
+    if fmt in OLD_FORMATS:
+        return (
+            f"{where}: format {fmt!r} (one row per augmentation) is no longer read; re-run `tokscale extract` "
+            f"to write {FORMAT!r} (each image once, all its augmentations)"
+        )
+    return f"{where}: format {fmt!r}, expected {FORMAT!r}"
+
+
 class TokenShardWriter:
     def __init__(
         self,
@@ -58,6 +75,7 @@ class TokenShardWriter:
         tokenizer_id: str,
         codebook_size: int,
         num_tokens: int,
+        num_augs: int = 1,
         samples_per_shard: int = 10000,
         prefix: str = "tokens",
     ):
@@ -65,15 +83,15 @@ class TokenShardWriter:
             raise ValueError(
                 "tokenizer_id is empty: name the tokenizer the codes come from (e.g. its weights tag)"
             )
-        if codebook_size < 1 or num_tokens < 1 or samples_per_shard < 1:
+        if codebook_size < 1 or num_tokens < 1 or num_augs < 1 or samples_per_shard < 1:
             raise ValueError(
-                f"codebook_size={codebook_size}, num_tokens={num_tokens}, samples_per_shard={samples_per_shard}: "
-                f"expected positive integers"
+                f"codebook_size={codebook_size}, num_tokens={num_tokens}, num_augs={num_augs}, "
+                f"samples_per_shard={samples_per_shard}: expected positive integers"
             )
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer_id, self.codebook_size, self.num_tokens = tokenizer_id, codebook_size, num_tokens
-        self.samples_per_shard, self.prefix = samples_per_shard, prefix
+        self.num_augs, self.samples_per_shard, self.prefix = num_augs, samples_per_shard, prefix
         self.dtype = token_dtype(codebook_size)
         self.shards: list[dict] = []
         self._reset()
@@ -81,42 +99,46 @@ class TokenShardWriter:
     def _reset(self) -> None:
         self._tokens: list[np.ndarray] = []
         self._labels: list[int] = []
-        self._aug: list[int] = []
         self._keys: list[str] = []
 
-    def write(self, key: str, tokens, label: int, aug_id: int = 0) -> None:
-        arr = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        arr = arr.reshape(-1)
-        if arr.shape[0] != self.num_tokens:
-            raise ValueError(f"sample {key!r}: {arr.shape[0]} tokens, expected num_tokens={self.num_tokens}")
+    def write(self, key: str, codes, label: int) -> None:
+        """One image: ``codes`` (num_augs, num_tokens), augmentation a in row a; (num_tokens,) when num_augs is 1."""
+        arr = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+        got, want = tuple(arr.shape), (self.num_augs, self.num_tokens)
+        if arr.ndim == 1 and self.num_augs == 1:
+            arr = arr[None]
+        if arr.shape != want:
+            raise ValueError(
+                f"sample {key!r}: codes of shape {got}, expected (num_augs, num_tokens) = {want}"
+            )
         if arr.size and (arr.min() < 0 or arr.max() >= self.codebook_size):
             raise ValueError(
                 f"sample {key!r}: token ids span [{arr.min()}, {arr.max()}], outside codebook_size={self.codebook_size}"
             )
         self._tokens.append(arr.astype(self.dtype))
         self._labels.append(int(label))
-        self._aug.append(int(aug_id))
         self._keys.append(str(key))
         if len(self._keys) >= self.samples_per_shard:
             self._flush()
+
+    def _identity(self) -> dict:
+        return {
+            "format": FORMAT,
+            "tokenizer_id": self.tokenizer_id,
+            "codebook_size": self.codebook_size,
+            "num_tokens": self.num_tokens,
+            "num_augs": self.num_augs,
+        }
 
     def _flush(self) -> None:
         if not self._keys:
             return
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        meta = {
-            "format": FORMAT,
-            "tokenizer_id": self.tokenizer_id,
-            "codebook_size": self.codebook_size,
-            "num_tokens": self.num_tokens,
-            "count": len(self._keys),
-            "dtype": self.dtype.name,
-        }
+        meta = {**self._identity(), "count": len(self._keys), "dtype": self.dtype.name}
         members = {
             "meta.json": json.dumps(meta).encode(),
             "tokens.npy": _npy_bytes(np.stack(self._tokens)),
             "labels.npy": _npy_bytes(np.asarray(self._labels, dtype=np.int32)),
-            "aug_ids.npy": _npy_bytes(np.asarray(self._aug, dtype=np.int16)),
             "keys.json": json.dumps(self._keys).encode(),
         }
         final = self.out_dir / name
@@ -135,11 +157,8 @@ class TokenShardWriter:
         """Flush the last shard and write ``manifest-<prefix>.json``; returns it."""
         self._flush()
         manifest = {
-            "format": FORMAT,
-            "tokenizer_id": self.tokenizer_id,
-            "codebook_size": self.codebook_size,
-            "num_tokens": self.num_tokens,
-            "num_samples": sum(s["count"] for s in self.shards),
+            **self._identity(),
+            "num_samples": sum(s["count"] for s in self.shards),  # images
             "shards": self.shards,
         }
         path = self.out_dir / f"manifest-{self.prefix}.json"
@@ -155,18 +174,26 @@ class TokenShardWriter:
 
 def merge_manifests(out_dir: str | os.PathLike) -> dict:
     """Combine every writer's ``manifest-*.json`` in out_dir into ``manifest.json`` (checks they agree)."""
-    parts = [
-        json.loads(Path(p).read_text()) for p in sorted(glob.glob(os.path.join(out_dir, "manifest-*.json")))
-    ]
+    paths = sorted(glob.glob(os.path.join(out_dir, "manifest-*.json")))
+    parts = {Path(p).name: json.loads(Path(p).read_text()) for p in paths}
     if not parts:
         raise FileNotFoundError(f"{out_dir}: no manifest-*.json; did every TokenShardWriter call close()?")
-    ident = {k: parts[0][k] for k in ("tokenizer_id", "codebook_size", "num_tokens")}
-    for p in parts[1:]:
+    for name, p in parts.items():
+        problem = _format_problem(os.path.join(out_dir, name), p.get("format"))
+        if problem:
+            raise ValueError(problem)
+    first = next(iter(parts.values()))
+    ident = {k: first[k] for k in ("tokenizer_id", "codebook_size", "num_tokens")}
+    for p in parts.values():
         other = {k: p[k] for k in ident}
         if other != ident:
             raise ValueError(f"{out_dir}: token shards from different tokenizers: {ident} vs {other}")
-    merged = {"format": FORMAT, **ident, "num_samples": sum(p["num_samples"] for p in parts)}
-    merged["shards"] = [s for p in parts for s in p["shards"]]
+    augs = {name: p["num_augs"] for name, p in parts.items()}
+    if len(set(augs.values())) > 1:
+        raise ValueError(f"{out_dir}: token shards with different num_augs (augmentations per image): {augs}")
+    merged = {"format": FORMAT, **ident, "num_augs": first["num_augs"]}
+    merged["num_samples"] = sum(p["num_samples"] for p in parts.values())
+    merged["shards"] = [s for p in parts.values() for s in p["shards"]]
     Path(out_dir, "manifest.json").write_text(json.dumps(merged, indent=1))
     return merged
 
@@ -186,23 +213,27 @@ class TokenShardReader:
             raise ShardError(
                 f"token shard {url}: truncated or corrupt tar ({type(err).__name__}: {err})"
             ) from err
+        if "meta.json" in members:
+            self.meta = json.loads(members["meta.json"])
+            problem = _format_problem(f"token shard {url}", self.meta.get("format"))
+            if problem:
+                raise ShardError(problem)
         missing = [m for m in MEMBERS if m not in members]
         if missing:
             raise ShardError(f"token shard {url}: missing members {missing}; is it a token shard?")
-        self.meta = json.loads(members["meta.json"])
-        if self.meta.get("format") != FORMAT:
-            raise ShardError(f"token shard {url}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         for name, want in (("tokenizer_id", tokenizer_id), ("codebook_size", codebook_size)):
             if want is not None and self.meta[name] != want:
                 raise ValueError(f"token shard {url}: {name} is {self.meta[name]!r}, expected {want!r}")
         self.tokens = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
         self.labels = np.load(io.BytesIO(members["labels.npy"]), allow_pickle=False)
-        self.aug_ids = np.load(io.BytesIO(members["aug_ids.npy"]), allow_pickle=False)
         self.keys = json.loads(members["keys.json"])
         n = self.meta["count"]
-        shapes = (self.tokens.shape, self.labels.shape, self.aug_ids.shape, len(self.keys))
-        if shapes != ((n, self.meta["num_tokens"]), (n,), (n,), n):
-            raise ShardError(f"token shard {url}: array shapes {shapes} disagree with count={n}")
+        shapes = (self.tokens.shape, self.labels.shape, len(self.keys))
+        if shapes != ((n, self.num_augs, self.meta["num_tokens"]), (n,), n):
+            raise ShardError(
+                f"token shard {url}: array shapes {shapes} disagree with count={n}, "
+                f"num_augs={self.num_augs}, num_tokens={self.meta['num_tokens']}"
+            )
 
     @property
     def codebook_size(self) -> int:
@@ -212,11 +243,32 @@ class TokenShardReader:
     def tokenizer_id(self) -> str:
         return str(self.meta["tokenizer_id"])
 
+    @property
+    def num_augs(self) -> int:
+        return int(self.meta["num_augs"])
+
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i]), int(self.aug_ids[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i])
+
+
+def _read_alike(
+    pattern: str, tokenizer_id: str | None, codebook_size: int | None = None
+) -> list[TokenShardReader]:
+    """Every shard of ``pattern``, refusing a set that mixes tokenizers or augmentation counts."""
+    shards = [TokenShardReader(u, tokenizer_id, codebook_size) for u in expand_shards(pattern)]
+    ids = {(s.tokenizer_id, s.codebook_size, int(s.meta["num_tokens"])) for s in shards}
+    if len(ids) > 1:
+        raise ValueError(f"{pattern}: token shards from different tokenizers {sorted(ids)}")
+    augs = {s.num_augs for s in shards}
+    if len(augs) > 1:
+        named = {s.url: s.num_augs for s in shards}
+        raise ValueError(
+            f"{pattern}: token shards with different num_augs (augmentations per image): {named}"
+        )
+    return shards
 
 
 def token_stream(
@@ -227,8 +279,8 @@ def token_stream(
     rank: int = 0,
     world_size: int = 1,
     seed: int | None = None,
-) -> Iterator[tuple[torch.Tensor, int, int]]:
-    """(tokens int64 (num_tokens,), label, aug_id) for this rank: global sample i goes to rank i % world_size.
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """(tokens int64 (num_augs, num_tokens), label) for this rank: global image i goes to rank i % world_size.
 
     ``seed`` shuffles the shard order and the order inside each shard (the same on every rank, so the split
     stays exact); None keeps the written order.
@@ -252,15 +304,11 @@ def token_stream(
 def load_tokens(
     pattern: str, *, tokenizer_id: str | None = None, codebook_size: int | None = None
 ) -> dict[str, torch.Tensor | list[str]]:
-    """Every shard in memory: tokens int64 (N, L), labels int64 (N,), aug_ids int64 (N,), keys."""
-    shards = [TokenShardReader(u, tokenizer_id, codebook_size) for u in expand_shards(pattern)]
-    ids = {(s.tokenizer_id, s.codebook_size) for s in shards}
-    if len(ids) > 1:
-        raise ValueError(f"{pattern}: token shards from different tokenizers {sorted(ids)}")
+    """Every shard in memory: tokens int64 (N, num_augs, num_tokens), labels int64 (N,), keys (N images)."""
+    shards = _read_alike(pattern, tokenizer_id, codebook_size)
     return {
         "tokens": torch.from_numpy(np.concatenate([s.tokens for s in shards]).astype(np.int64)),
         "labels": torch.from_numpy(np.concatenate([s.labels for s in shards]).astype(np.int64)),
-        "aug_ids": torch.from_numpy(np.concatenate([s.aug_ids for s in shards]).astype(np.int64)),
         "keys": [k for s in shards for k in s.keys],
     }
 
@@ -269,11 +317,12 @@ class TokenTrainStream:
     """Endless training batches ``(tokens int64 (B, T), labels int64 (B,))`` from token shards, for rank ``rank``.
 
     Epoch e draws, from a generator seeded with ``(seed, e)``, an order of the source images and one of each
-    image's stored augmentations (ten-crop with flips gives ten rows per image, under one key): every epoch sees
-    every image once, in one random augmentation. Global batch b of the epoch is the slice [b*B*W, (b+1)*B*W) of
-    that order and rank r takes its r-th part, so ranks never overlap. The position is the number of batches
-    handed out: ``state_dict`` / ``load_state_dict`` resume exactly. Incomplete last global batches are dropped.
-    The shards are held in memory (uint16 codes: 1.28M images x 10 crops x 256 tokens is 6.6 GB).
+    image's stored augmentations (ten-crop with flips stores ten per image): every epoch sees every image once,
+    in one random augmentation. Global batch b of the epoch is the slice [b*B*W, (b+1)*B*W) of that order and
+    rank r takes its r-th part, so ranks never overlap and the choice does not depend on the rank count. The
+    position is the number of batches handed out: ``state_dict`` / ``load_state_dict`` resume exactly.
+    Incomplete last global batches are dropped. The shards are held in memory (uint16 codes: 1.28M images x 10
+    crops x 256 tokens is 6.6 GB).
     """
 
     def __init__(
@@ -287,46 +336,41 @@ class TokenTrainStream:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        shards = [TokenShardReader(u, tokenizer_id) for u in expand_shards(pattern)]
-        ids = {(s.tokenizer_id, s.codebook_size, int(s.meta["num_tokens"])) for s in shards}
-        if len(ids) > 1:
-            raise ValueError(f"{pattern}: token shards from different tokenizers {sorted(ids)}")
+        shards = _read_alike(pattern, tokenizer_id)
         self.meta = dict(shards[0].meta)
-        self.tokens = np.concatenate([s.tokens for s in shards])
+        self.tokens = np.concatenate([s.tokens for s in shards])  # (images, num_augs, T)
         self.labels = np.concatenate([s.labels for s in shards]).astype(np.int64)
-        keys = [k for s in shards for k in s.keys]
-        groups: dict[str, list[int]] = {}
-        for row, key in enumerate(keys):
-            groups.setdefault(key, []).append(row)
-        self.images = list(groups.values())  # rows of each source image, in written order
+        self.num_images, self.num_augs = self.tokens.shape[0], self.tokens.shape[1]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.batches_per_epoch = len(self.images) // (batch_size * world_size)
+        self.batches_per_epoch = self.num_images // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{pattern}: {len(self.images)} images is less than one global batch "
+                f"{pattern}: {self.num_images} images is less than one global batch "
                 f"(data.batch_size={batch_size} x {world_size} ranks)"
             )
         self.batches_consumed = 0
-        self._epoch_rows: tuple[int, np.ndarray] | None = None
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _rows(self, epoch: int) -> np.ndarray:
-        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images, augmentations), each (num_images,): position p of the epoch is augmentation augs[p] of image
+        images[p]."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.images))
-            picks = rng.random(len(self.images))
-            rows = np.array([self.images[i][int(picks[i] * len(self.images[i]))] for i in order])
-            self._epoch_rows = (epoch, rows)
-        return self._epoch_rows[1]
+            images = rng.permutation(self.num_images)
+            augs = rng.integers(self.num_augs, size=self.num_images)  # per image, indexed by image
+            self._epoch_cache = (epoch, images, augs[images])
+        return self._epoch_cache[1], self._epoch_cache[2]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             epoch, b = divmod(self.batches_consumed, self.batches_per_epoch)
             start = (b * self.world_size + self.rank) * self.batch_size
-            rows = self._rows(epoch)[start : start + self.batch_size]
+            images, augs = self.epoch_order(epoch)
+            images, augs = images[start : start + self.batch_size], augs[start : start + self.batch_size]
             self.batches_consumed += 1
             yield (
-                torch.from_numpy(self.tokens[rows].astype(np.int64)),
-                torch.from_numpy(self.labels[rows]),
+                torch.from_numpy(self.tokens[images, augs].astype(np.int64)),
+                torch.from_numpy(self.labels[images]),
             )
 
     def _layout(self) -> dict:

@@ -12,12 +12,14 @@ rest, so every image is stored exactly once whatever happened. At the end rank 0
 ``manifest.json``, which also names the tokenizer (its path and the sha256 of its model config), the
 augmentation and the resolution.
 
-Augmentations (``aug``), each stored as rows of one key (``aug_id`` 0.. in this order):
+Augmentations (``aug``): each image is stored once, as the codes of all its crops stacked in this order,
+(num_augs, num_tokens) (the shards' ``num_augs``):
 
-- ``center``: the ADM centre crop at the tokenizer's resolution (1 row);
-- ``center_flip``: that crop and its horizontal flip (2 rows);
+- ``center``: the ADM centre crop at the tokenizer's resolution (1 augmentation);
+- ``center_flip``: that crop and its horizontal flip (2);
 - ``tencrop`` (LlamaGen's and GigaTok's extraction): the ADM centre crop at ``round(1.1 x resolution)``, then the
-  centre and the four corner crops at the resolution, then the same five flipped (10 rows). Row 0 is the centre.
+  centre and the four corner crops at the resolution, then the same five flipped (10). Augmentation 0 is the
+  centre.
 
 Images are encoded in batches of ``batch_size`` crops (the references encode one image at a time; ``tokscale
 bench extract`` measures the difference).
@@ -87,7 +89,7 @@ def write_config(cfg: ExtractConfig) -> Path:
 
 
 def crops(img, resolution: int, aug: str) -> list[np.ndarray]:
-    """uint8 HWC crops of one image, in aug_id order."""
+    """uint8 HWC crops of one image, in augmentation order (axis 1 of the stored tokens)."""
     from tokscale.data.transforms import adm_center_crop
 
     if aug in ("center", "center_flip"):
@@ -112,7 +114,14 @@ def tokenizer_identity(path: str) -> tuple[str, str]:
 
 
 def _done(out: Path, prefix: str) -> bool:
-    return (out / f"manifest-{prefix}.json").is_file()
+    """Whether the shard is finished: its manifest is there, in the current token format (an older one, e.g.
+    tokscale-tokens/1 with one row per augmentation, is extracted again)."""
+    from tokscale.data.tokens import FORMAT
+
+    try:
+        return json.loads((out / f"manifest-{prefix}.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def extract_shard(
@@ -127,7 +136,13 @@ def extract_shard(
 
     res, n_aug = model.image_size, AUGS[cfg.aug]
     writer = TokenShardWriter(
-        out, ident, model.codebook_size, model.num_tokens, samples_per_shard=1 << 30, prefix=prefix
+        out,
+        ident,
+        model.codebook_size,
+        model.num_tokens,
+        num_augs=n_aug,
+        samples_per_shard=1 << 30,
+        prefix=prefix,
     )
     pending: list[tuple[str, int, torch.Tensor]] = []  # (key, label, crops (n_aug, 3, H, W))
 
@@ -136,9 +151,9 @@ def extract_shard(
             return
         batch = torch.cat([c for _, _, c in pending]).to(device)
         codes = torch.cat([model.encode(part) for part in batch.split(cfg.batch_size)]).cpu()
-        for i, (key, label, _) in enumerate(pending):
-            for a in range(n_aug):
-                writer.write(key, codes[i * n_aug + a], label, a)
+        codes = codes.reshape(len(pending), n_aug, -1)  # image i's crops, in augmentation order
+        for (key, label, _), image_codes in zip(pending, codes):
+            writer.write(key, image_codes, label)
         if bar is not None:
             bar.update(len(pending))
         pending.clear()
@@ -211,8 +226,7 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
         merged.update(
             tokenizer=str(Path(cfg.tokenizer).resolve()),
             tokenizer_config_sha256=config_hash,
-            augmentation=cfg.aug,
-            augmentations_per_image=AUGS[cfg.aug],
+            augmentation=cfg.aug,  # num_augs (from the shards) is its crop count
             resolution=model.image_size,
             source=cfg.data,
         )

@@ -24,14 +24,16 @@ def write_tokens(out: Path, images: int, seed: int, tokenizer_id: str = "toy-tok
     by one, and 10% of the positions are random."""
     rng = np.random.default_rng(seed)
     patterns = np.random.default_rng(0).integers(0, VOCAB, size=(CLASSES, num_tokens))
-    with TokenShardWriter(out, tokenizer_id, VOCAB, num_tokens, samples_per_shard=50) as w:
+    with TokenShardWriter(out, tokenizer_id, VOCAB, num_tokens, num_augs=AUGS, samples_per_shard=50) as w:
         for i in range(images):
             label = i % CLASSES
+            crops = []
             for aug in range(AUGS):
                 codes = (patterns[label] + aug) % VOCAB
                 noise = rng.random(num_tokens) < 0.1
                 codes[noise] = rng.integers(0, VOCAB, size=noise.sum())
-                w.write(f"img{i:05d}", codes, label, aug)
+                crops.append(codes)
+            w.write(f"img{i:05d}", np.stack(crops), label)
     return str(out)
 
 
@@ -111,24 +113,43 @@ def test_a_stopped_run_resumes_with_the_same_losses_as_an_uninterrupted_one(shar
     assert losses(split) == losses(whole)
 
 
-def test_every_image_once_per_epoch_in_one_augmentation_and_ranks_do_not_overlap(shards):
-    train_tokens, _ = shards
-    seen = []
-    for rank in range(2):
-        stream = TokenTrainStream(train_tokens, batch_size=8, rank=rank, world_size=2, seed=3)
-        assert stream.batches_per_epoch == 6  # 96 images / (8 x 2)
-        it = iter(stream)
-        seen.append(torch.cat([next(it)[0] for _ in range(6)]))
-    both = torch.cat(seen)
-    assert len(both) == 96
-    # the rows are (pattern + aug) with noise: recover each row's image by its label-free identity, the key
-    reader = TokenTrainStream(train_tokens, batch_size=8, seed=3)
-    rows0 = reader._rows(0)
-    keys = np.concatenate([[i] * AUGS for i in range(96)])[rows0]
-    assert sorted(keys.tolist()) == list(range(96))  # each image exactly once in epoch 0
-    augs = np.tile(np.arange(AUGS), 96)[rows0]
-    assert len(set(augs.tolist())) == AUGS  # augmentations are drawn, not always the first
-    assert not np.array_equal(rows0, reader._rows(1))  # a new order and choice each epoch
+def test_every_image_once_per_epoch_in_one_augmentation_the_same_whatever_the_rank_count(tmp_path):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, VOCAB, size=(96, AUGS, T))
+    stored[:, :, 0], stored[:, :, 1] = np.arange(96)[:, None] % VOCAB, np.arange(96)[:, None] // VOCAB
+    stored[:, :, 2] = np.arange(AUGS)  # each row tells its image (tokens 0, 1) and augmentation (token 2)
+    with TokenShardWriter(tmp_path, "toy-tok", VOCAB, T, num_augs=AUGS, samples_per_shard=40) as w:
+        for i in range(96):
+            w.write(f"img{i:05d}", stored[i], i % CLASSES)
+    train_tokens = str(tmp_path)
+    one = TokenTrainStream(train_tokens, batch_size=16, seed=3)
+    assert one.tokens.shape == (96, AUGS, T) and one.batches_per_epoch == 6
+
+    def drawn(batches) -> list[tuple[int, int]]:
+        out = []
+        for tokens, labels in batches:
+            assert tokens.dtype == torch.int64 and tokens.shape[1:] == (T,)
+            for t, y in zip(tokens.numpy(), labels.tolist()):
+                image, aug = int(t[0] + VOCAB * t[1]), int(t[2])
+                assert np.array_equal(t, stored[image, aug]) and y == image % CLASSES
+                out.append((image, aug))
+        return out
+
+    it = iter(one)
+    epochs = [drawn(next(it) for _ in range(6)) for _ in range(3)]
+    for epoch in epochs:
+        assert sorted(image for image, _ in epoch) == list(range(96))  # each image exactly once
+        assert {aug for _, aug in epoch} == set(range(AUGS))  # augmentations are drawn, not always the first
+    choices = [tuple(aug for _, aug in sorted(epoch)) for epoch in epochs]
+    assert len(set(choices)) == 3  # each epoch draws the images' augmentations anew
+    assert len({tuple(image for image, _ in epoch) for epoch in epochs}) == 3  # and a new order
+    # two ranks of 8: global batch b is rank 0's part then rank 1's, the very images and crops of one rank of 16
+    streams = [TokenTrainStream(train_tokens, batch_size=8, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert streams[0].batches_per_epoch == 6  # 96 images / (8 x 2)
+    its = [iter(s) for s in streams]
+    both = [x for _ in range(18) for x in drawn([next(its[0]), next(its[1])])]
+    assert both == [x for epoch in epochs for x in epoch]  # so ranks never overlap either
+    assert np.array_equal(streams[1].epoch_order(2)[1], one.epoch_order(2)[1])
 
 
 def test_the_stream_position_resumes_and_a_changed_layout_is_refused(shards):

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
 from palette import write_tiny_export  # noqa: E402
 
 from tokscale.data.locations import resolve_shards  # noqa: E402
-from tokscale.data.samples import decode_image, iter_raw_samples  # noqa: E402
+from tokscale.data.samples import decode_image, iter_raw_samples, sample_label  # noqa: E402
 from tokscale.data.tokens import load_tokens  # noqa: E402
 from tokscale.data.transforms import adm_center_crop, to_tensor  # noqa: E402
 from tokscale.tokenizers.extract import ExtractConfig, crops  # noqa: E402
@@ -76,21 +76,24 @@ def extracted(tiny_export, tmp_path_factory):
 
 def test_stored_codes_decode_as_the_tokenizer_encodes_each_crop_and_its_flip(tiny_export, extracted):
     manifest = json.loads((extracted / "manifest.json").read_text())
-    assert manifest["num_samples"] == 400 and manifest["augmentation"] == "center_flip"
+    assert manifest["num_samples"] == 200 and manifest["augmentation"] == "center_flip"
+    assert manifest["num_augs"] == 2 and manifest["format"] == "tokscale-tokens/2"
     assert manifest["resolution"] == 32 and len(manifest["tokenizer_config_sha256"]) == 64
     stored = load_tokens(str(extracted), tokenizer_id=manifest["tokenizer_id"])
     model = load_tokenizer(tiny_export)
     url = resolve_shards("embedded", "eval")[0]
     samples = list(iter_raw_samples(url))[:5]
-    row = {(k, int(a)): i for i, (k, a) in enumerate(zip(stored["keys"], stored["aug_ids"]))}
+    assert stored["tokens"].shape == (200, 2, model.num_tokens) and stored["labels"].shape == (200,)
+    assert len(set(stored["keys"])) == len(stored["keys"]) == 200  # every image of the split once
+    index = {k: i for i, k in enumerate(stored["keys"])}
     for s in samples:
         crop = adm_center_crop(decode_image(s), 32)
-        for aug, arr in enumerate([crop, crop[:, ::-1]]):
+        for aug, arr in enumerate([crop, crop[:, ::-1]]):  # augmentation a in position a
             x = to_tensor(np.ascontiguousarray(arr))[None]
-            codes = stored["tokens"][row[(s.key, aug)]][None]
+            codes = stored["tokens"][index[s.key], aug][None]
             assert torch.equal(codes, model.encode(x))
             assert torch.equal(model.decode(codes), model.decode(model.encode(x)))
-    assert len(set(stored["keys"])) == 200  # every image of the split once, two rows each
+        assert stored["labels"][index[s.key]] == sample_label(s)
 
 
 def test_a_stopped_extraction_resumes_and_ends_with_the_same_shards(tiny_export, extracted, tmp_path):
@@ -114,7 +117,7 @@ def test_two_ranks_store_each_image_once(tiny_export, extracted, tmp_path):
                    "--aug", "center_flip", "--batch-size", "48", "--nproc", "2")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     keys = load_tokens(str(out))["keys"]
-    assert len(keys) == 400 and len(set(keys)) == 200
+    assert len(keys) == len(set(keys)) == 200
     assert shard_digests(out) == shard_digests(extracted)  # the same bytes as one rank
 
 
@@ -144,3 +147,14 @@ def test_bench_extract_prints_batched_and_batch_1_throughput_as_one_json_object(
     assert out["benchmark"] == "extract_encode" and out["images"] == 4 and out["batch"] == 2
     assert out["images_per_s_batched"] > 0 and out["images_per_s_batch1"] > 0
     assert out["speedup"] == pytest.approx(out["images_per_s_batched"] / out["images_per_s_batch1"])
+
+
+def test_a_shard_of_the_old_token_format_counts_as_unfinished_and_is_extracted_again(tmp_path):
+    from tokscale.tokenizers.extract import _done
+
+    manifest = tmp_path / "manifest-s000000.json"
+    assert not _done(tmp_path, "s000000")
+    manifest.write_text(json.dumps({"format": "tokscale-tokens/1", "shards": []}))
+    assert not _done(tmp_path, "s000000")  # one row per augmentation: redone as tokscale-tokens/2
+    manifest.write_text(json.dumps({"format": "tokscale-tokens/2", "shards": []}))
+    assert _done(tmp_path, "s000000")
