@@ -215,7 +215,7 @@ def _load_manifest(folder: str) -> _Manifest:
     if manifest is None:
         return _Manifest(path, None, problem=f"shard has no {MANIFEST_NAME} beside it")
     entries = {s["name"]: s for s in manifest.get("shards", []) if "name" in s}
-    # Token shards (tokscale-tokens/1) record tokens per shard, not image samples: only their bytes are checked.
+    # Token shards (tokscale-tokens/*) record tokens per shard, not image samples: only their bytes are checked.
     counts_images = manifest.get("format", MANIFEST_FORMAT) == MANIFEST_FORMAT
     return _Manifest(path, entries, counts_images)
 
