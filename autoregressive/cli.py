@@ -52,6 +52,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_sample_command(sub)
 
 
+def add_eval_commands(esub: argparse._SubParsersAction) -> None:
+    """``tokscale eval gen`` (gFID, IS, precision/recall of sampled images) and ``eval ar-probe``."""
+    # one add_command(esub) line per module: gen_cli (eval gen), ar_probe_cli (eval ar-probe)
+
+
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b = bench_sub.add_parser(
         "sample",

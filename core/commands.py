@@ -2,9 +2,10 @@
 info|list`` (presets of every area) and ``tokscale bench eval`` (Inception throughput, Fréchet distance cost); and
 the parent commands the areas add to.
 
-The base creates the parents ``bench``, ``model`` and ``convert`` (:func:`add_groups`), so that no two areas both
-create one: a command module (entry-point group ``tokscale.commands``) adds its own children through
-``add_bench_commands(bench_sub)``, ``add_model_commands(model_sub)`` and ``add_convert_commands(convert_sub)``.
+The base creates the parents ``bench``, ``model``, ``convert`` and ``eval`` (:func:`add_groups`), so that no two
+areas both create one: a command module (entry-point group ``tokscale.commands``) adds its own children through
+``add_bench_commands(bench_sub)``, ``add_model_commands(model_sub)``, ``add_convert_commands(convert_sub)`` and
+``add_eval_commands(eval_sub)`` (tokenizers: recon, stats, probe; autoregressive: gen, ar-probe).
 ``model info`` and ``model list`` are the base's: they ask each command module's ``list_model_presets()`` for its
 preset names and the owner's ``describe_model(preset, overrides)`` for the JSON (heavy imports inside it).
 """
@@ -19,6 +20,7 @@ GROUP_HOOKS = {
     "add_bench_commands": "bench",
     "add_model_commands": "model",
     "add_convert_commands": "convert",
+    "add_eval_commands": "eval",
 }
 
 
@@ -40,10 +42,16 @@ def add_groups(sub: argparse._SubParsersAction) -> dict[str, argparse._SubParser
     lst.set_defaults(func=model_list)
     conv = sub.add_parser("convert", help="convert another project's checkpoint into a tokscale export")
     convert_sub = conv.add_subparsers(dest="convert_command", metavar="SOURCE", required=True)
+    ev = sub.add_parser(
+        "eval",
+        help="paper-comparable evaluation: rFID/IS/PSNR/SSIM/LPIPS, gFID, reference stats, probes",
+    )
+    eval_sub = ev.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
     return {
         "add_bench_commands": bench_sub,
         "add_model_commands": model_sub,
         "add_convert_commands": convert_sub,
+        "add_eval_commands": eval_sub,
     }
 
 

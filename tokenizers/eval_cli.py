@@ -42,11 +42,7 @@ def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
     add_job_flags(p)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser(
-        "eval", help="paper-comparable evaluation: rFID/IS/PSNR/SSIM/LPIPS, reference stats, probes"
-    )
-    esub = ev.add_subparsers(dest="eval_command", metavar="ACTION", required=True)
+def add_eval_commands(esub: argparse._SubParsersAction) -> None:
 
     recon = esub.add_parser(
         "recon",
