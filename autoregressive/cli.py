@@ -55,6 +55,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     """``tokscale eval gen`` (gFID, IS, precision/recall of sampled images) and ``eval ar-probe``."""
     # one add_command(esub) line per module: gen_cli (eval gen), ar_probe_cli (eval ar-probe)
+    from tokscale.autoregressive.gen_cli import add_command as add_gen
+
+    add_gen(esub)
+    from tokscale.autoregressive.ar_probe_cli import add_command as add_ar_probe
+
+    add_ar_probe(esub)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:

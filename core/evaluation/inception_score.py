@@ -63,10 +63,12 @@ class InceptionScore:
         self._indices.append(indices)
 
     def compute(self) -> tuple[float | None, float | None]:
-        """(mean, std) over the splits; collective when torch.distributed is initialised."""
+        """(mean, std) over the splits; collective when made with ``world_size > 1`` (every rank calls it), local
+        otherwise, e.g. rank 0 alone scoring every rank's samples."""
+        distributed = self.world_size > 1 and dist.is_initialized() and dist.get_world_size() > 1
         logits = torch.cat(self._logits) if self._logits else torch.zeros(0, self.num_classes)
         mine = torch.cat(self._indices).numpy() if self._indices else np.zeros(0, dtype=np.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, mine)
             every = np.concatenate(parts)
@@ -86,7 +88,7 @@ class InceptionScore:
         bounds = (np.arange(self.splits + 1) * n) // self.splits
         split_ids = torch.from_numpy(np.searchsorted(bounds, position, side="right") - 1)
 
-        dev = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        dev = self.device if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
         count = torch.zeros(self.splits, dtype=torch.float64, device=dev)
         sum_p = torch.zeros(self.splits, self.num_classes, dtype=torch.float64, device=dev)
         sum_plogp = torch.zeros(self.splits, dtype=torch.float64, device=dev)
@@ -97,7 +99,7 @@ class InceptionScore:
             count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64, device=dev))
             sum_p.index_add_(0, ids, p)
             sum_plogp.index_add_(0, ids, (p * log_p).sum(1))
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             for t in (count, sum_p, sum_plogp):
                 dist.all_reduce(t)
         if n < self.splits or bool((count == 0).any()):

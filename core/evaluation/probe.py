@@ -17,6 +17,16 @@ statistics averaged after every epoch), so the result is one probe whatever the 
 
 :func:`logistic_probe` is the quick check: multinomial logistic regression by full-batch L-BFGS on standardised
 cached features, seconds instead of 90 epochs.
+
+:func:`train_probe_online` is the protocol with training augmentation (GigaTok's AR probe): the features of an
+augmented image change every epoch, so they are recomputed every epoch from ``train_batches(view)`` (or
+``views`` augmented copies are computed once and cycled). It is independent of the rank count: each step's global
+batch is drawn from one permutation of every rank's sample indices seeded by (seed, epoch), each rank
+contributes the members it holds, the BatchNorm statistics are those of the whole global batch (summed across
+ranks) and the gradients are summed, so N ranks compute what one process computes, up to the order of
+floating-point sums.
+
+    result = train_probe_online(features_fn, lambda view: stream_of(view), val, 1000, ProbeConfig(epochs=90))
 """
 
 from __future__ import annotations
@@ -113,6 +123,7 @@ def probe_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> 
 class FeatureSet:
     features: torch.Tensor  # (N, D) float32, this rank's share
     labels: torch.Tensor  # (N,) int64
+    indices: torch.Tensor | None = None  # (N,) int64 global sample indices, when the stream carries them
 
 
 @torch.no_grad()
@@ -122,16 +133,20 @@ def extract_features(
     device,
     progress: bool = False,
     image_shape: tuple[int, int, int] | None = None,
+    desc: str = "probe features",
+    total: int | None = None,
+    leave: bool = True,
 ) -> FeatureSet:
-    """Frozen features of everything a stream yields on this rank ((images, labels[, keys]) batches), on CPU.
+    """Frozen features of everything a stream yields on this rank ((images, labels[, keys[, indices]])
+    batches), on CPU, with the samples' global indices when every batch carries them (EvalStream's 4th element).
     Collective under torch.distributed: ranks make the same number of ``features_fn`` calls."""
-    feats, labels = [], []
+    feats, labels, indices = [], [], []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="probe features", unit="img")
-    from tokscale.evaluation.lockstep import lockstep
+        bar = tqdm(desc=desc, unit="img", total=total, leave=leave)
+    from tokscale.evaluation.lockstep import batch_indices, lockstep
 
     shape = tuple(image_shape) if image_shape else None
     for batch in lockstep(batches, device):
@@ -147,13 +162,18 @@ def extract_features(
         f = features_fn(images.to(device))
         feats.append(f.float().reshape(f.shape[0], -1).cpu())
         labels.append(y.long().cpu())
+        ids = batch_indices(batch)
+        indices.append(None if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu())
         if bar is not None:
             bar.update(images.shape[0])
     if bar is not None:
         bar.close()
     if not feats:
-        return FeatureSet(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
-    return FeatureSet(torch.cat(feats), torch.cat(labels))
+        return FeatureSet(
+            torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        )
+    ids = torch.cat(indices) if all(i is not None for i in indices) else None
+    return FeatureSet(torch.cat(feats), torch.cat(labels), ids)
 
 
 def _world() -> tuple[int, int]:
@@ -282,6 +302,245 @@ def train_linear_probe(
     train = extract_features(features_fn, train_batches, device, progress)
     val = extract_features(features_fn, eval_batches, device, progress)
     return train_probe_on_features(train, val, num_classes, cfg, device, progress)
+
+
+def _sample_ids(local: FeatureSet) -> torch.Tensor:
+    """This rank's samples' global ids: the stream's indices when every rank's stream gave them, else positions
+    in rank order (rank 0's samples first). Collective."""
+    rank, world = _world()
+    n = local.labels.shape[0]
+    has = int(_all_reduce(torch.tensor([int(local.indices is not None)]), dist.ReduceOp.MIN).item())
+    if has:
+        return local.indices.long()
+    counts = torch.zeros(world, dtype=torch.long)
+    counts[rank] = n
+    start = int(_all_reduce(counts)[:rank].sum())
+    return torch.arange(start, start + n)
+
+
+def _every_id(local_ids: torch.Tensor) -> torch.Tensor:
+    """Every rank's sample ids, sorted (the same tensor on every rank). Collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local_ids.cpu())
+        ids = torch.cat(parts)
+    else:
+        ids = local_ids.cpu()
+    ids = ids.sort().values
+    if ids.numel() and bool((ids[1:] == ids[:-1]).any()):
+        raise ValueError("two probe samples carry the same global index: the ranks' shares overlap")
+    return ids
+
+
+def epoch_order(ids: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's order of the (sorted) global sample ids: a permutation seeded by (seed, epoch) alone."""
+    import numpy as np
+
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(mixed))]
+
+
+def global_batch_step(
+    model: LinearProbe, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int, lr: float
+) -> float:
+    """One optimizer step on a global batch of ``n`` samples of which this rank holds ``(x, y)`` (possibly none);
+    returns the batch's mean loss. Collective: the same on every rank, and the same as one process holding all n.
+
+    The BatchNorm statistics are the global batch's (sums in float64 across ranks): its output is normalised
+    with the biased variance and its running statistics move as nn.BatchNorm1d's would (momentum, unbiased
+    variance). The norm has no parameters and the features no gradient, so the statistics need no backward.
+    The head's gradients are the global batch's mean: local sums over n, summed across ranks."""
+    norm = model.norm
+    d = norm.num_features
+    x64 = x.double().reshape(-1, d)
+    stats = torch.cat([x64.sum(0), x64.pow(2).sum(0)])
+    _all_reduce(stats)
+    mean = stats[:d] / n
+    var = (stats[d:] / n - mean.pow(2)).clamp_min(0.0)
+    with torch.no_grad():
+        m = norm.momentum
+        norm.running_mean.mul_(1 - m).add_(mean.to(norm.running_mean.dtype), alpha=m)
+        norm.running_var.mul_(1 - m).add_((var * n / max(n - 1, 1)).to(norm.running_var.dtype), alpha=m)
+        norm.num_batches_tracked.add_(1)
+    normed = ((x64 - mean) * torch.rsqrt(var + norm.eps)).float()
+    loss_sum = nn.functional.cross_entropy(model.head(normed), y, reduction="sum")
+    opt.zero_grad(set_to_none=False)
+    (loss_sum / n).backward()
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss_sum.detach().reshape(1)])
+    _all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    return float(flat[-1]) / n
+
+
+def _new_probe(dim: int, num_classes: int, seed: int, device) -> LinearProbe:
+    """The probe's initialisation from ``seed`` alone (not from whatever used the global generator before),
+    broadcast from rank 0 all the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LinearProbe(dim, num_classes)
+    model = model.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    return model
+
+
+def train_probe_online(
+    features_fn: Callable[[torch.Tensor], torch.Tensor],
+    train_batches: Callable[[int], Iterable],
+    val: FeatureSet,
+    num_classes: int,
+    cfg: ProbeConfig,
+    device: str | torch.device = "cpu",
+    *,
+    views: int = 0,
+    progress: bool = False,
+    image_shape: tuple[int, int, int] | None = None,
+    samples_per_epoch: int | None = None,
+    state: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """The MAE-protocol probe on features recomputed from augmented images; collective when distributed.
+
+    ``train_batches(view)`` gives this rank's share of the training set in augmentation ``view`` (batches with
+    global indices, like EvalStream's, keep the result independent of the rank count). ``views=0``: view e in
+    epoch e, every epoch freshly computed (the online protocol); ``views=K``: views 0..K-1 are computed once, kept
+    in memory (K x this rank's share x D floats) and epoch e trains on view e mod K. An epoch's global batches
+    (``cfg.batch_size`` x world size samples; the last incomplete one is dropped, as MAE's loader does) come
+    from :func:`epoch_order`, and each is one :func:`global_batch_step`.
+
+    ``num_classes=0``: the largest label of the training and validation sets + 1. ``state`` (from ``save_state``,
+    which gets it after every epoch on every rank) resumes after the epoch it records; ``should_stop()`` is polled
+    after every epoch (any rank's request stops all). Returns top-1/top-5 on ``val`` after the last epoch, the
+    settings and the trained probe (``"probe"``, a LinearProbe) with ``status`` "finished", or
+    ``{"status": "stopped", "epochs_done": e}``."""
+    rank, world = _world()
+    if views < 0:
+        raise ValueError(f"views={views}: expected 0 (online) or a positive number of precomputed views")
+    global_batch = cfg.batch_size * world
+    peak_lr = cfg.base_lr * global_batch / 256
+    device = torch.device(device)
+    cache: dict[int, tuple[FeatureSet, torch.Tensor, torch.Tensor]] = {}
+
+    def epoch_data(epoch: int):
+        view = epoch if views == 0 else epoch % views
+        if view in cache:
+            return cache[view]
+        local = extract_features(
+            features_fn,
+            train_batches(view),
+            device,
+            progress=progress and rank == 0,
+            image_shape=image_shape,
+            desc=f"epoch {epoch + 1}/{cfg.epochs} features",
+            total=samples_per_epoch,
+            leave=False,
+        )
+        ids = _sample_ids(local)
+        entry = (local, ids, _every_id(ids))
+        if views:
+            cache[view] = entry
+        return entry
+
+    model = opt = None
+
+    def build(dim: int, classes: int):
+        probe = _new_probe(dim, classes, cfg.seed, device)
+        return probe, LARS(
+            probe.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    start_epoch, step = 0, 0
+    if state is not None:
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        model, opt = build(int(state["dim"]), int(state["num_classes"]))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        num_classes = int(state["num_classes"])
+        log.info("linear probe resumes after epoch %d (step %d)", start_epoch, step)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="linear probe", unit="epoch", total=cfg.epochs, initial=start_epoch)
+    steps_per_epoch = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        local, ids, every = epoch_data(epoch)
+        if every.numel() == 0:
+            raise ValueError("the probe's training set is empty")
+        dim = _feature_dim(local)
+        if model is None:
+            if num_classes == 0:
+                top = max([int(t.max()) for t in (local.labels, val.labels) if t.numel()], default=0)
+                num_classes = int(_all_reduce(torch.tensor([top]), dist.ReduceOp.MAX).item()) + 1
+            model, opt = build(dim, num_classes)
+        elif dim != model.norm.num_features:
+            raise ValueError(
+                f"the features are {dim}-d; the probe being resumed is {model.norm.num_features}-d"
+            )
+        steps_per_epoch = max(1, every.numel() // global_batch)
+        total, warmup = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
+        feats = local.features if local.features.numel() else torch.zeros(0, dim)
+        row_of = torch.full((int(every[-1]) + 1,), -1, dtype=torch.long)
+        row_of[ids] = torch.arange(ids.numel())
+        order = epoch_order(every, cfg.seed, epoch)
+        model.train()
+        loss_total = 0.0
+        for i in range(steps_per_epoch):
+            members = order[i * global_batch : (i + 1) * global_batch]
+            rows = row_of[members]
+            rows = rows[rows >= 0]
+            x, y = feats[rows].to(device), local.labels[rows].to(device)
+            lr = probe_lr(step, total, warmup, peak_lr)
+            loss_total += global_batch_step(model, opt, x, y, members.numel(), lr)
+            step += 1
+        loss = loss_total / steps_per_epoch
+        log.info("probe epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, cfg.epochs, loss, lr)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=loss)
+        if save_state is not None:
+            save_state(
+                {"epoch": epoch + 1, "step": step, "dim": dim, "num_classes": num_classes, "loss": loss,
+                 "model": model.state_dict(), "optimizer": opt.state_dict()}
+            )  # fmt: skip
+        if should_stop is not None and epoch + 1 < cfg.epochs:
+            flag = torch.tensor([1.0 if should_stop() else 0.0])
+            if _all_reduce(flag, dist.ReduceOp.MAX).item() > 0:
+                if bar is not None:
+                    bar.close()
+                return {"status": "stopped", "epochs_done": epoch + 1}
+    if bar is not None:
+        bar.close()
+    if model is None:
+        raise ValueError("the probe trained no epoch: probe.epochs must be >= 1")
+    out = probe_accuracy(model, val, device)
+    n_train = (
+        int(_all_reduce(torch.tensor([local.labels.shape[0]])).item()) if start_epoch < cfg.epochs else None
+    )
+    return {
+        "status": "finished",
+        **out,
+        "num_train": n_train,
+        "num_classes": num_classes,
+        "feature_dim": model.norm.num_features,
+        "lr": peak_lr,
+        "global_batch": global_batch,
+        "steps_per_epoch": steps_per_epoch or None,
+        "epochs": cfg.epochs,
+        "probe": model,
+    }
 
 
 def gather_features(local: FeatureSet) -> FeatureSet:
