@@ -1,6 +1,7 @@
 """The AR half through Slurm on the local two-node cluster: ``tokscale submit c2i`` trains a tiny GPT on two
 nodes under ZeRO-2 over gloo, and ``tokscale sample --submit`` samples across two nodes, each image once, the
-same images as one local process."""
+same images as one local process; ``tokscale eval gen --submit`` scores across two nodes with the numbers of one
+local process."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def test_a_two_node_c2i_job_trains_a_tiny_gpt_under_zero2(slurm_cluster, tmp_pat
     assert slurm_cluster.final_state(run["job_id"]) == "COMPLETED"
 
 
-def test_sampling_as_a_two_node_job_gives_the_images_of_one_local_process(slurm_cluster, tmp_path):
+def tiny_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny tokenizer export (4 tokens an image) and a GPT export for it."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
     from palette import write_tiny_export
 
@@ -71,7 +73,7 @@ def test_sampling_as_a_two_node_job_gives_the_images_of_one_local_process(slurm_
     from tokscale.export import write_export
 
     tok = tmp_path / "tok"
-    write_tiny_export(tok)  # 4 tokens a image
+    write_tiny_export(tok)
     torch.manual_seed(0)
     gcfg = GPTConfig(width=32, depth=2, heads=2, vocab_size=4096, num_tokens=4, num_classes=3)
     model = GPT(gcfg)
@@ -79,6 +81,11 @@ def test_sampling_as_a_two_node_job_gives_the_images_of_one_local_process(slurm_
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     write_export(gpt, model.state_dict(), {"model": asdict(gcfg)}, "gpt", {"step": 0}, {}, "# test GPT\n")
+    return tok, gpt
+
+
+def test_sampling_as_a_two_node_job_gives_the_images_of_one_local_process(slurm_cluster, tmp_path):
+    tok, gpt = tiny_pair(tmp_path)
     common = [
         "--tokenizer",
         str(tok),
@@ -118,3 +125,39 @@ def test_sampling_as_a_two_node_job_gives_the_images_of_one_local_process(slurm_
         return json.loads((tmp_path / folder / "samples.json").read_text())["codes"]
 
     assert codes("slurm") == codes("local") and len(codes("local")) == 9
+
+
+def test_eval_gen_as_a_two_node_job_gives_the_numbers_of_one_local_process(slurm_cluster, tmp_path):
+    from tokscale.evaluation.inception import write_random_inception_weights
+
+    tok, gpt = tiny_pair(tmp_path)
+    weights = write_random_inception_weights(tmp_path / "inception.pth", seed=0)
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, arr_0=np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
+    common = [
+        "--tokenizer", str(tok), "--reference", str(reference), "--inception-weights", str(weights),
+        "--num-samples", "10", "--batch-size", "3", "--cfg-scale", "2", "--device", "cpu",
+    ]  # fmt: skip
+    local = subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", "eval", "gen", str(gpt), "--out", str(tmp_path / "local"), *common],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "tokscale.cli", "eval", "gen", str(gpt), "--out", str(tmp_path / "slurm"), *common,
+         "--submit", "--nodes", "2", "--time", "10"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "SLURM_CONF": slurm_cluster.conf},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = json.loads(r.stdout)
+    assert run["num_tasks"] == 2
+    results = slurm_cluster.wait_for(job_of(run), timeout_s=300)
+    assert {x["status"] for x in results} == {"finished"}
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "slurm" / "results.json").is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    a, b = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("local", "slurm"))
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for key in ("fid", "is_mean", "is_std", "precision", "recall", "num_samples"):
+        assert a[key] == b[key], key
