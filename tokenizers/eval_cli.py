@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser, tokenizer: bool) -> None:
     )
     p.add_argument("--workers", type=int, default=None, help="data loader processes per rank")
     p.add_argument("--out", default=None, help="output folder (default: eval/<command>)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into an --out holding other files (they are kept)"
+    )
     if tokenizer:
         p.add_argument(
             "--no-verify", action="store_true", help="skip checking an export's files against its SHA256SUMS"
@@ -95,7 +98,18 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
     from tokscale.config import load_config
     from tokscale.tokenizers.eval_runner import EvalJobConfig
 
-    dot = [f"task={task}", f"run_dir={args.out or f'eval/{task}'}"] + extra
+    out = args.out or f"eval/{task}"
+    if task == "stats":  # the output is the npz; run_dir only holds the config and the logs
+        dot = [f"task={task}", f"run_dir={out}"] + extra
+    else:  # the results appear in `out` whole at the end; the work folder beside it holds config and logs
+        from tokscale.tokenizers.eval_runner import WORK_SUFFIX
+
+        dot = [
+            f"task={task}",
+            f"out={out}",
+            f"run_dir={out}{WORK_SUFFIX}",
+            f"overwrite={args.overwrite}",
+        ] + extra
     flag_map = {
         "inception_weights": "eval.inception_weights",
         "num_samples": "eval.num_samples",
@@ -123,7 +137,9 @@ def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
 
 def _dispatch(args: argparse.Namespace, cfg) -> int:
     from tokscale.jobs.cli import run_job_module
-    from tokscale.tokenizers.eval_runner import write_config
+    from tokscale.tokenizers.eval_runner import check_out, write_config
+
+    check_out(cfg)  # before any process starts or any job is submitted
 
     return run_job_module(
         args,

@@ -7,7 +7,11 @@
 Each rank reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (tokscale.distributed), takes its share of the
 evaluation stream and merges running sums at the end; rank 0 writes the outputs into ``run_dir``:
 ``metrics.json``, TensorBoard scalars under ``tb/`` (plus ``metrics.jsonl``) and ``grid.png`` (originals above
-reconstructions). The module is a runnable (tokscale.registry): ``load_config`` and ``main(cfg, should_stop)``,
+reconstructions). With ``out`` set (``tokscale eval recon|probe --out DIR`` sets it, with ``run_dir`` the work
+folder ``DIR.eval-job`` holding the config, the logs and a Slurm job's files), the finished files move into
+``out`` at the end through :func:`tokscale.outputs.output_folder`: ``out`` appears whole or not at all, a previous
+output of the same command is replaced, and a folder with other files is refused before anything runs (kept
+with ``overwrite``). The module is a runnable (tokscale.registry): ``load_config`` and ``main(cfg, should_stop)``,
 which the Slurm job of tokscale.jobs runs, so submission reuses it unchanged.
 """
 
@@ -42,6 +46,10 @@ class EvalJobConfig:
     num_classes: int = 0  # 0: the largest label seen + 1
     save_features: bool = False  # task=probe: also write run_dir/features.pt (all ranks' features, for reuse)
     verify_weights: bool = True  # check an exported tokenizer against its SHA256SUMS before loading it
+    out: str = (
+        ""  # recon/probe: the finished folder (run_dir is then only the work folder); "": run_dir itself
+    )
+    overwrite: bool = False  # write into an `out` that holds files of something else (they are kept)
     data: DataConfig = field(default_factory=lambda: DataConfig(crop="adm_center", hflip=False))
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -257,13 +265,56 @@ def run_probe(cfg: EvalJobConfig, rank: int, world: int, device) -> dict:
     return results
 
 
+WORK_SUFFIX = ".eval-job"
+KEEP_IN_WORK = ("logs", "slurm")  # a failure's traceback and a Slurm job's files stay with the work folder
+
+
+def output_kind(task: str) -> str:
+    return f"eval-{task}"
+
+
+def check_out(cfg: EvalJobConfig) -> None:
+    """Before anything runs: refuse an ``out`` that is a file or holds files of something else."""
+    if cfg.out and cfg.task != "stats":
+        from tokscale.outputs import check_target
+
+        check_target(Path(cfg.out), output_kind(cfg.task), cfg.overwrite)
+
+
+def _publish(cfg: EvalJobConfig) -> None:
+    """Rank 0, the evaluation done: move run_dir's results into ``out`` whole; drop the work folder unless it
+    keeps logs."""
+    import shutil
+
+    from tokscale.outputs import output_folder
+
+    work = Path(cfg.run_dir)
+    with output_folder(cfg.out, output_kind(cfg.task), cfg.overwrite) as tmp:
+        for item in work.iterdir():
+            if item.name in KEEP_IN_WORK:
+                continue
+            if item.name == CONFIG_NAME:
+                shutil.copy2(item, tmp / item.name)
+            else:
+                shutil.move(str(item), tmp / item.name)
+    (work / CONFIG_NAME).unlink(missing_ok=True)
+    try:
+        work.rmdir()
+    except OSError:
+        pass
+
+
 def main(cfg: EvalJobConfig, should_stop=None) -> dict:
     """Run the job on this rank; evaluation is short and restartable, so a stop request is not polled."""
-    from tokscale.distributed import init_distributed
+    from tokscale.distributed import barrier, init_distributed
 
     info = init_distributed()
+    check_out(cfg)
     run = {"recon": run_recon, "stats": run_stats, "probe": run_probe}[cfg.task]
     result = run(cfg, info.rank, info.world_size, info.device)
+    barrier()
+    if info.rank == 0 and cfg.out and cfg.task != "stats":
+        _publish(cfg)
     return {"status": "finished", "task": cfg.task, "result": result}
 
 

@@ -177,3 +177,32 @@ def test_is_and_fid_depend_on_the_images_only_not_on_ranks_or_workers_and_metric
     assert m["is_mean"] is None and "fewer than is_splits=10" in m["is_undefined_reason"]
     for line in (few / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse)
+
+
+def test_eval_recon_writes_its_folder_whole_and_never_into_a_folder_of_other_files(
+    tiny_export, data_cache, tmp_path
+):
+    args = [
+        "eval", "recon", str(tiny_export), f"data.cache_dir={data_cache}", "data.num_workers=0", "--data",
+        "embedded", "--no-fid", "--no-lpips", "--num-samples", "4", "--batch-size", "2",
+    ]  # fmt: skip
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    r = tokscale(*args, "--out", str(mine))
+    assert r.returncode != 0 and "notes.txt" in r.stderr and "--overwrite" in r.stderr
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "metrics.json").exists()
+    assert not (tmp_path / "mine.eval-job" / "eval_config.yaml").exists()  # refused before anything ran
+
+    out = tmp_path / "recon"
+    for _ in range(2):  # the second run replaces the first one's folder whole
+        r = tokscale(*args, "--out", str(out))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert {p.name for p in out.iterdir()} >= {"metrics.json", "grid.png", "eval_config.yaml", "tb"}
+        assert not (tmp_path / "recon.eval-job").exists()
+    r = tokscale(*args, "--out", str(mine), "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "metrics.json").is_file()
+    (tmp_path / "afile").write_text("x")
+    r = tokscale(*args, "--out", str(tmp_path / "afile"))
+    assert r.returncode != 0 and "is a file" in r.stderr
