@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 # (flag, JobConfig field, type, help)
@@ -77,8 +78,11 @@ def run_job_module(args: argparse.Namespace, module: str, cfg, config_path: Path
         print(json.dumps([r.describe() for r in runs], indent=2))
         return 0
     if args.nproc > 1:
+        from tokscale.errors import LOG_DIR_ENV
         from tokscale.jobs.local import launch_local
 
+        # The ranks log a failure's traceback in the run's folder, as this process would.
+        os.environ[LOG_DIR_ENV] = str(Path(args.log_dir).absolute())
         return launch_local(args.nproc, ["-m", module, str(config_path)])
     import importlib
 

@@ -8,7 +8,9 @@ Per task (one per GPU, or ``tasks_per_node`` on CPU nodes), :class:`TrainingJob`
    ``scancel --signal=USR2 JOBID``) and SIGTERM (preemption, scancel) only set a flag;
 3. resolves the runnable lazily (a registered trainer, whose ``main`` is the shared loop tokscale.loop, or any
    module with ``load_config`` and ``main``; tokscale.registry) and calls ``main(cfg, should_stop=stop.is_set)``;
-   the loop polls the flag every step, agrees across ranks and returns ``{"status": "stopped"}`` after saving;
+   the loop polls the flag every step, agrees across ranks and returns ``{"status": "stopped"}`` after saving; a
+   failure prints tokscale's one ``tokscale: error:`` line into the task's stderr log (traceback in
+   ``RUN_DIR/logs``, tokscale.errors) before submitit records it;
 4. on "stopped" after SIGUSR2, global rank 0 runs ``scontrol requeue`` (same job id, same run directory) and the
    requeued job resumes from the newest complete checkpoint; after SIGTERM it only exits (Slurm requeues
    preempted jobs itself, and a cancelled job must stay cancelled);
@@ -140,9 +142,14 @@ class TrainingJob:
 
         from tokscale.registry import resolve_runnable
 
-        runnable = resolve_runnable(self.trainer)
-        cfg = runnable.load_config(self.config_path, [])
-        result = runnable.main(cfg, should_stop=stop.is_set)
+        cfg = None
+        try:
+            runnable = resolve_runnable(self.trainer)
+            cfg = runnable.load_config(self.config_path, [])
+            result = runnable.main(cfg, should_stop=stop.is_set)
+        except BaseException as exc:
+            _report_failure(exc, cfg)
+            raise  # submitit records it: the job ends FAILED and job.result() raises
         return self._after_training(result, stop, job_env)
 
     def _after_training(self, result: dict, stop: StopRequest, job_env) -> dict:
@@ -170,6 +177,18 @@ class TrainingJob:
         return submitit.helpers.DelayedSubmission(
             TrainingJob(self.config_path, self.trainer, self.max_requeues), *args, **kwargs
         )
+
+
+def _report_failure(exc: BaseException, cfg) -> None:
+    """What a local run prints, in the task's Slurm stderr log: one ``tokscale: error: rank R: ...`` line naming
+    the file, key or value, with the traceback in ``RUN_DIR/logs/error-rank{R}.log`` (tokscale.errors)."""
+    from tokscale.errors import report
+
+    run_dir = getattr(cfg, "run_dir", None) if cfg is not None else None
+    try:
+        report(exc, log_dir=os.path.join(str(run_dir), "logs") if run_dir else None)
+    except Exception:  # reporting must never hide the failure itself
+        log.exception("could not report the failure")
 
 
 def _log_to_stderr(rank: int) -> None:
