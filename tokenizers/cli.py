@@ -78,6 +78,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     ex.add_argument("--split", default="train", help="split of the embedded dataset (train | eval)")
     ex.add_argument("--no-verify", action="store_true", help="skip checking an export against its SHA256SUMS")
+    ex.add_argument(
+        "--overwrite", action="store_true", help="write into an OUT holding other files (they are kept)"
+    )
     from tokscale.jobs.cli import add_job_flags
 
     add_job_flags(ex)
@@ -193,6 +196,7 @@ def extract(args: argparse.Namespace) -> int:
             f"batch_size={args.batch_size}",
             f"split={args.split}",
             f"verify_weights={not args.no_verify}",
+            f"overwrite={args.overwrite}",
         ]
         + ([f"tokenizer_id={args.tokenizer_id}"] if args.tokenizer_id else []),
     )

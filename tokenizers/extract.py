@@ -3,14 +3,17 @@
     tokscale extract runs/tok --data /data/in1k/train OUT --aug tencrop --batch-size 256 --nproc 8
     tokscale extract exports/2d-tiny --data embedded OUT --aug center_flip
     tokscale extract converted/gigatok-SS --data /data/in1k/train OUT --submit --nodes 4 --gpus-per-node 8
-    python -m tokscale.tokenizers.extract OUT/extract_config.yaml      # what every rank runs
+    python -m tokscale.tokenizers.extract OUT.extract-job/extract_config.yaml      # what every rank runs
 
 Source shard i goes to rank i % world_size and becomes one token shard ``s{i:06d}-000000.tar`` with its own
 ``manifest-s{i:06d}.json``, written last (the tar through a temporary name and a rename): a shard with its
-manifest is finished. A rerun (after a crash, a preemption, a requeue) skips finished shards and redoes the
-rest, so every image is stored exactly once whatever happened. At the end rank 0 merges the manifests into
-``manifest.json``, which also names the tokenizer (its path and the sha256 of its model config), the
-augmentation and the resolution.
+manifest is finished. The shards are made in the work folder ``OUT.extract-job/shards/`` (beside the config,
+the logs and a Slurm job's files); a rerun (after a crash, a preemption, a requeue) skips finished shards and
+redoes the rest, so every image is stored exactly once whatever happened. At the end rank 0 merges the manifests
+into ``manifest.json``, which also names the tokenizer (its path and the sha256 of its model config), the
+augmentation and the resolution, and moves the folder into ``OUT`` (tokscale.outputs): ``OUT`` appears whole,
+a previous extraction there is replaced, and a folder with other files is refused before anything runs
+(``overwrite`` writes into it and keeps them).
 
 Augmentations (``aug``): each image is stored once, as the codes of all its crops stacked in this order,
 (num_augs, num_tokens) (the shards' ``num_augs``):
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 AUGS = {"center": 1, "center_flip": 2, "tencrop": 10}
 CONFIG_NAME = "extract_config.yaml"
+JOB_SUFFIX = ".extract-job"
+OUTPUT_KIND = "token-shards"
 TENCROP_RATIO = 1.1
 
 
@@ -55,9 +60,19 @@ class ExtractConfig:
     verify_weights: bool = True
     progress: bool = True
 
+    overwrite: bool = False  # write into an `out` that holds other files (they are kept)
+
+    @property
+    def job_dir(self) -> Path:  # the config, logs, Slurm files and the shards being made
+        return Path(self.out).with_name(Path(self.out).name + JOB_SUFFIX)
+
+    @property
+    def work(self) -> Path:  # becomes `out` when every shard is finished
+        return self.job_dir / "shards"
+
     @property
     def run_dir(self) -> str:  # where a submitted job keeps its Slurm logs (tokscale.jobs)
-        return self.out
+        return str(self.job_dir)
 
     def __post_init__(self):
         if not self.tokenizer:
@@ -79,13 +94,36 @@ def load_config(path, overrides=()) -> ExtractConfig:
 
 
 def write_config(cfg: ExtractConfig) -> Path:
+    """Before any process starts: refuse an ``out`` in the way, write the config every rank reads."""
     from tokscale.config import to_yaml
+    from tokscale.outputs import check_target
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_NAME
+    check_target(Path(cfg.out), OUTPUT_KIND, cfg.overwrite)
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    path = cfg.job_dir / CONFIG_NAME
     path.write_text(to_yaml(cfg))
     return path
+
+
+def _publish(cfg: ExtractConfig) -> None:
+    """Rank 0, every shard finished: move the shards and manifests into ``out`` whole, drop the work folder
+    unless it keeps logs."""
+    import os
+    import shutil
+
+    from tokscale.outputs import output_folder
+
+    with output_folder(cfg.out, OUTPUT_KIND, cfg.overwrite) as tmp:
+        for item in cfg.work.iterdir():
+            os.replace(item, tmp / item.name)
+        if (cfg.job_dir / CONFIG_NAME).is_file():  # absent when main() was called without write_config()
+            shutil.copy2(cfg.job_dir / CONFIG_NAME, tmp / CONFIG_NAME)
+    cfg.work.rmdir()
+    (cfg.job_dir / CONFIG_NAME).unlink(missing_ok=True)
+    try:
+        cfg.job_dir.rmdir()  # kept when it holds a Slurm job's logs or a failure's
+    except OSError:
+        pass
 
 
 def crops(img, resolution: int, aug: str) -> list[np.ndarray]:
@@ -181,7 +219,7 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
     from tokscale.tokenizers.load import load_tokenizer
 
     info = init_distributed()
-    out = Path(cfg.out)
+    out = cfg.work
     out.mkdir(parents=True, exist_ok=True)
     urls = resolve_shards(cfg.data, cfg.split)
     default_id, config_hash = tokenizer_identity(cfg.tokenizer)
@@ -231,7 +269,8 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
             source=cfg.data,
         )
         (out / "manifest.json").write_text(json.dumps(merged, indent=1))
-        result.update(num_samples=merged["num_samples"], tokenizer_id=ident)
+        _publish(cfg)
+        result.update(num_samples=merged["num_samples"], tokenizer_id=ident, out=cfg.out)
     return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,12 +104,36 @@ def test_a_stopped_extraction_resumes_and_ends_with_the_same_shards(tiny_export,
         batch_size=48, progress=False,
     )  # fmt: skip
     first = run_extract(cfg, stop_after_first_shard=True)  # stops after its first finished shard
-    assert first["status"] == "stopped" and len(list(out.glob("*.tar"))) == 1
-    (out / "s000001-000000.tar.tmp-999").write_bytes(b"partial")  # a crashed writer's leftover
+    # The shards are made in the work folder; OUT appears only when every shard is finished.
+    assert first["status"] == "stopped" and len(list(cfg.work.glob("*.tar"))) == 1 and not out.exists()
+    (cfg.work / "s000001-000000.tar.tmp-999").write_bytes(b"partial")  # a crashed writer's leftover
     again = run_extract(cfg)
     assert again["status"] == "finished" and again["images"] == 75  # only the unfinished shard was redone
     assert shard_digests(out) == shard_digests(extracted)
-    assert not list(out.glob("*.tmp-*"))
+    assert not list(out.glob("*.tmp-*")) and not cfg.job_dir.exists()
+
+
+def test_extract_never_writes_into_a_folder_of_other_files_and_replaces_its_own(
+    tiny_export, extracted, tmp_path
+):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["extract", str(tiny_export), "--data", "embedded", "--split", "eval", "--aug", "center"]
+    res = tokscale(*args, str(mine))
+    assert res.returncode != 0 and "notes.txt" in res.stderr and "--overwrite" in res.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "mine.extract-job" / "extract_config.yaml").exists()
+    res = tokscale(*args, str(mine), "--overwrite")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "manifest.json").is_file()
+    first = json.loads((mine / "manifest.json").read_text())
+    previous = tmp_path / "previous"
+    shutil.copytree(extracted, previous)  # a previous extraction (center_flip): replaced whole
+    res = tokscale(*args, str(previous))
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((previous / "manifest.json").read_text())
+    assert manifest["augmentation"] == "center" == first["augmentation"]
 
 
 def test_two_ranks_store_each_image_once(tiny_export, extracted, tmp_path):
