@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "ar_probe_config.yaml"
 STATE_NAME = "ar_probe_state.pt"
+OUTPUT_KIND = "eval-ar-probe"
+WORK_SUFFIX = ".ar-probe-job"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,7 +77,10 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class ArProbeConfig:
     gpt: str = ""  # a `tokscale train c2i` run directory or a GPT export
     tokenizer: str = ""  # the tokenizer whose codes the GPT was trained on
-    run_dir: str = "eval/ar-probe"  # outputs (and Slurm logs when submitted)
+    run_dir: str = (
+        "eval/ar-probe"  # outputs (and Slurm logs when submitted); the work folder when `out` is set
+    )
+    out: str = ""  # the finished folder (`tokscale eval ar-probe --out`); "": run_dir itself
     layer: int = 0  # features after this block (1-based); 0: depth // 2 (GigaTok)
     views: int = 0  # 0: fresh augmented features every epoch (the protocol); K: K views computed once, cycled
     gpt_train_mode: bool = False  # True: GigaTok's quirk, the GPT's dropout active on the training features
@@ -139,6 +144,10 @@ def prepare(cfg: ArProbeConfig) -> Path:
     from tokscale.config import to_yaml
 
     check_pair(cfg.gpt, cfg.tokenizer)
+    if cfg.out:  # a folder of other files is refused; a previous ar-probe output is replaced at the end
+        from tokscale.outputs import check_target
+
+        check_target(Path(cfg.out), OUTPUT_KIND, cfg.overwrite)
     out = Path(cfg.run_dir)
     state = out / STATE_NAME
     if (out / "metrics.json").is_file() and not cfg.overwrite:
@@ -354,7 +363,13 @@ def main(cfg: ArProbeConfig, should_stop=None) -> dict:
             out / "metrics.json", lambda tmp: tmp.write_text(strict_dumps(metrics, indent=2) + "\n")
         )
         state_path.unlink(missing_ok=True)
-        log.info("AR probe top-1 %.2f%% written to %s", metrics["top1"], out / "metrics.json")
+        if cfg.out:
+            from tokscale.outputs import publish_folder
+
+            publish_folder(out, cfg.out, OUTPUT_KIND, cfg.overwrite, copy=(CONFIG_NAME,))
+        log.info(
+            "AR probe top-1 %.2f%% written to %s", metrics["top1"], Path(cfg.out or out) / "metrics.json"
+        )
     barrier()
     return {"status": "finished", "result": metrics}
 

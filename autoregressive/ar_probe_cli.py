@@ -108,14 +108,15 @@ def add_command(esub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from tokscale.autoregressive.ar_probe import ArProbeConfig
+    from tokscale.autoregressive.ar_probe import WORK_SUFFIX, ArProbeConfig
     from tokscale.config import load_config
     from tokscale.tokenizers.load import model_config_from
 
     dot = [
         f"gpt={args.gpt}",
         f"tokenizer={args.tokenizer}",
-        f"run_dir={args.out}",
+        f"out={args.out}",
+        f"run_dir={args.out}{WORK_SUFFIX}",  # config, resume state, logs; the results move into --out at the end
         f"data.train_shards={args.train_data}",
         f"data.eval_shards={args.eval_data}",
         f"data.resolution={args.resolution or model_config_from(args.tokenizer).image_size}",

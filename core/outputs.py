@@ -96,3 +96,31 @@ def output_folder(out: str | Path, kind: str, overwrite: bool = False) -> Iterat
                 (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(
+    work: str | Path,
+    out: str | Path,
+    kind: str,
+    overwrite: bool = False,
+    keep: tuple[str, ...] = ("logs", "slurm"),
+    copy: tuple[str, ...] = (),
+) -> None:
+    """A job's finished results into ``out`` whole: everything in the work folder ``work`` moves (``copy``:
+    copied, e.g. the config a requeued job would read), except ``keep`` (a failure's traceback, a Slurm job's
+    files), which stays; the work folder goes when nothing is left in it."""
+    work = Path(work)
+    with output_folder(out, kind, overwrite) as tmp:
+        for item in work.iterdir():
+            if item.name in keep:
+                continue
+            if item.name in copy:
+                shutil.copy2(item, tmp / item.name)
+            else:
+                os.replace(item, tmp / item.name)
+    for name in copy:
+        (work / name).unlink(missing_ok=True)
+    try:
+        work.rmdir()
+    except OSError:
+        pass

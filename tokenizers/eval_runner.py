@@ -281,29 +281,6 @@ def check_out(cfg: EvalJobConfig) -> None:
         check_target(Path(cfg.out), output_kind(cfg.task), cfg.overwrite)
 
 
-def _publish(cfg: EvalJobConfig) -> None:
-    """Rank 0, the evaluation done: move run_dir's results into ``out`` whole; drop the work folder unless it
-    keeps logs."""
-    import shutil
-
-    from tokscale.outputs import output_folder
-
-    work = Path(cfg.run_dir)
-    with output_folder(cfg.out, output_kind(cfg.task), cfg.overwrite) as tmp:
-        for item in work.iterdir():
-            if item.name in KEEP_IN_WORK:
-                continue
-            if item.name == CONFIG_NAME:
-                shutil.copy2(item, tmp / item.name)
-            else:
-                shutil.move(str(item), tmp / item.name)
-    (work / CONFIG_NAME).unlink(missing_ok=True)
-    try:
-        work.rmdir()
-    except OSError:
-        pass
-
-
 def main(cfg: EvalJobConfig, should_stop=None) -> dict:
     """Run the job on this rank; evaluation is short and restartable, so a stop request is not polled."""
     from tokscale.distributed import barrier, init_distributed
@@ -314,7 +291,11 @@ def main(cfg: EvalJobConfig, should_stop=None) -> dict:
     result = run(cfg, info.rank, info.world_size, info.device)
     barrier()
     if info.rank == 0 and cfg.out and cfg.task != "stats":
-        _publish(cfg)
+        from tokscale.outputs import publish_folder
+
+        publish_folder(
+            cfg.run_dir, cfg.out, output_kind(cfg.task), cfg.overwrite, KEEP_IN_WORK, (CONFIG_NAME,)
+        )
     return {"status": "finished", "task": cfg.task, "result": result}
 
 

@@ -28,7 +28,6 @@ import torch
 
 from tokscale.evaluation.inception import full_precision_matmuls
 
-
 __all__ = ["manifold_radii", "pairwise_distances", "precision_recall"]
 
 ADM_K = 3

@@ -226,8 +226,13 @@ def test_the_command_writes_every_field_and_beats_chance_on_the_embedded_dataset
     assert metrics["augmentation"]["features"] == "online (every epoch)"
     assert (tmp_path / "out" / "ar_probe_config.yaml").is_file() and (tmp_path / "out" / "probe.pt").is_file()
     assert not (tmp_path / "out" / "ar_probe_state.pt").exists()
-    again = ar_probe(pair, tmp_path / "out", "--batch-size", 32)
-    assert again.returncode != 0 and "exists" in again.stderr
+    assert not (tmp_path / "out.ar-probe-job").exists()  # the work folder went once its results moved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    again = ar_probe(pair, mine, "--batch-size", 32)
+    assert again.returncode != 0 and "notes.txt" in again.stderr and "--overwrite" in again.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_two_ranks_train_the_probe_that_one_rank_trains_with_the_same_global_batch(pair, tmp_path):
