@@ -42,16 +42,9 @@ def add_command(esub: argparse._SubParsersAction) -> None:
         default="uniform",
         help="uniform random labels (LlamaGen, GigaTok, DetailFlow) or N/num_classes per class (VAR, ADM)",
     )
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
-    p.add_argument("--cfg-schedule", default="constant", help="constant | linear | step (GigaTok)")
-    p.add_argument(
-        "--cfg-start-ratio", type=float, default=0.18, help="step schedule: guided from this fraction"
-    )
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="samples per generation batch")
+    from tokscale.autoregressive.sample_cli import add_sampler_flags
+
+    add_sampler_flags(p)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling and decoding")
     p.add_argument(
         "--image-size-eval", type=int, default=0, help="resize (bicubic) to this; default: the reference's"
@@ -62,7 +55,6 @@ def add_command(esub: argparse._SubParsersAction) -> None:
         help="'greedy' (GigaTok: 0.25 steps from --cfg-scale to a local FID minimum) or 'grid:1.5,1.75,2'",
     )
     p.add_argument("--search-samples", type=int, default=10_000, help="samples per search point")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-verify", action="store_true", help="skip the exports' SHA256SUMS check")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result or unfinished run")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. is_splits=10 sample.cfg_interval=-1")
@@ -74,6 +66,7 @@ def add_command(esub: argparse._SubParsersAction) -> None:
 
 def gen_command(args: argparse.Namespace) -> int:
     from tokscale.autoregressive.gen_eval import GenEvalConfig, load_config, prepare
+    from tokscale.autoregressive.sample_cli import sampler_dotlist
     from tokscale.config import load_config as load
     from tokscale.jobs.cli import run_job_module
 
@@ -85,20 +78,12 @@ def gen_command(args: argparse.Namespace) -> int:
         f"out={args.out}",
         f"num_samples={args.num_samples}",
         f"class_rule={args.class_rule}",
-        f"seed={args.seed}",
-        f"batch_size={args.batch_size}",
         f"precision={args.precision}",
         f"image_size_eval={args.image_size_eval}",
         f"search_samples={args.search_samples}",
-        f"device={args.device}",
         f"verify_weights={not args.no_verify}",
         f"overwrite={args.overwrite}",
-        f"sample.cfg_scale={args.cfg_scale}",
-        f"sample.cfg_schedule={args.cfg_schedule}",
-        f"sample.cfg_start_ratio={args.cfg_start_ratio}",
-        f"sample.temperature={args.temperature}",
-        f"sample.top_k={args.top_k}",
-        f"sample.top_p={args.top_p}",
+        *sampler_dotlist(args),
     ]
     if args.cfg_search:  # an empty dotlist value would read as null
         dotlist.append(f"cfg_search={args.cfg_search}")

@@ -21,17 +21,8 @@ import argparse
 import json
 
 
-def add_sample_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sample",
-        help="class-conditional images from a GPT through a tokenizer (KV cache, CFG schedules)",
-        description="tokscale sample GPT_RUN_OR_EXPORT --tokenizer TOKENIZER --classes 0,1,2 --num N OUT",
-    )
-    p.add_argument("gpt", help="a `tokscale train c2i` run directory or a GPT export")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer whose codes the GPT was trained on")
-    p.add_argument("--classes", default="0", help="comma-separated class indices, or 'all'")
-    p.add_argument("--num", type=int, default=1, help="samples per class")
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The sampler's flags (SampleConfig, seed, batch, device, KV cache), shared by ``sample`` and ``eval gen``."""
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear | step (GigaTok)")
     p.add_argument(
@@ -44,6 +35,36 @@ def add_sample_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="samples per generation batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (a check; slow)")
+
+
+def sampler_dotlist(args: argparse.Namespace) -> list[str]:
+    """:func:`add_sampler_flags`' values as config overrides (a job config with ``sample: SampleConfig``)."""
+    return [
+        f"seed={args.seed}",
+        f"batch_size={args.batch_size}",
+        f"device={args.device}",
+        f"use_cache={not args.no_cache}",
+        f"sample.cfg_scale={args.cfg_scale}",
+        f"sample.cfg_schedule={args.cfg_schedule}",
+        f"sample.cfg_start_ratio={args.cfg_start_ratio}",
+        f"sample.temperature={args.temperature}",
+        f"sample.top_k={args.top_k}",
+        f"sample.top_p={args.top_p}",
+    ]
+
+
+def add_sample_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="class-conditional images from a GPT through a tokenizer (KV cache, CFG schedules)",
+        description="tokscale sample GPT_RUN_OR_EXPORT --tokenizer TOKENIZER --classes 0,1,2 --num N OUT",
+    )
+    p.add_argument("gpt", help="a `tokscale train c2i` run directory or a GPT export")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer whose codes the GPT was trained on")
+    p.add_argument("--classes", default="0", help="comma-separated class indices, or 'all'")
+    p.add_argument("--num", type=int, default=1, help="samples per class")
+    add_sampler_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing sample folder")
     from tokscale.jobs.cli import add_job_flags
 
@@ -61,17 +82,8 @@ def sample_command(args: argparse.Namespace) -> int:
         f"out={args.out}",
         f"classes={args.classes}",
         f"num={args.num}",
-        f"seed={args.seed}",
-        f"batch_size={args.batch_size}",
-        f"device={args.device}",
-        f"use_cache={not args.no_cache}",
         f"overwrite={args.overwrite}",
-        f"sample.cfg_scale={args.cfg_scale}",
-        f"sample.cfg_schedule={args.cfg_schedule}",
-        f"sample.cfg_start_ratio={args.cfg_start_ratio}",
-        f"sample.temperature={args.temperature}",
-        f"sample.top_k={args.top_k}",
-        f"sample.top_p={args.top_p}",
+        *sampler_dotlist(args),
     ]
     cfg = load(SampleJobConfig, None, dotlist)
     path = prepare(cfg)  # checked before any process starts or any job is submitted
