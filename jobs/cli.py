@@ -1,4 +1,5 @@
-"""The commands every registered trainer shares: ``train``, ``submit``, ``jobs status``, ``export``, ``publish``.
+"""The commands every registered trainer shares: ``train``, ``submit``, ``jobs status``, ``export``, ``publish``;
+and ``probe`` (tokscale.jobs.probe_cli), which runs the other commands for several tokenizers.
 
 tokscale train tokenizer tokenizer/demo train.max_steps=300 [--nproc 2]
 tokscale submit tokenizer tokenizer/gigatok-1d-S-S data.batch_size=8 --nodes 2 --gpus-per-node 8 -p gpu -t 1440
@@ -195,6 +196,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("repo_id")
     publish.add_argument("--private", action="store_true")
     publish.set_defaults(func=publish_command)
+
+    from tokscale.jobs.probe_cli import add_command as add_probe
+
+    add_probe(sub)  # tokscale probe: several tokenizers through recon, codes, GPT, gFID, AR probe
 
 
 def job_config_from_args(args: argparse.Namespace):

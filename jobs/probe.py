@@ -1,0 +1,966 @@
+"""Probing several tokenizers downstream: for each one, reconstruction metrics, code extraction, a GPT trained with
+the AR-probing recipe, its validation loss, gFID and the AR linear probe, then one results table and a plot.
+
+    tokscale probe runs/tok-S runs/tok-B --train-data '/data/in1k/train-{000000..001023}.tar' \\
+        --val-data '/data/in1k/val-{000000..000049}.tar' --reference VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --out probes/in1k --nproc 8
+    tokscale probe --config PROBE.yaml --out probes/in1k --submit -p gpu --gpus-per-node 8 -t 1440
+    tokscale submit tokscale.jobs.probe OUT/<name>/continuations/after-JOB-0/continuation.yaml ...  # what a chain does
+
+Each stage is a ``tokscale`` command run as a subprocess (``--nproc N`` locally), writing under
+``OUT/<name>/``: ``recon`` (``eval recon`` on the validation data), ``tokens-train`` and ``tokens-val``
+(``extract``), ``gpt`` (``train c2i RECIPE``: vocabulary and token count from the tokenizer's config, classes
+from the training codes), ``gen`` (``eval gen``) and ``ar-probe`` (``eval ar-probe``). A stage is finished when
+its marker exists (``metrics.json``, ``manifest.json``, a complete checkpoint at ``train.max_steps``,
+``results.json``, ``metrics.json``): a rerun skips it. An unfinished stage is run again with the same command,
+which resumes through the command's own mechanism (finished token shards, the newest checkpoint, finished sample
+chunks, finished probe epochs; reconstruction metrics, minutes even at 50,000 images, are computed again). ``OUT/probe_state.json`` records every stage (status, times, command, log,
+attempts, Slurm job ids); ``OUT/<name>/logs/<stage>.log`` holds each stage's output. A failing stage stops the
+pipeline with an error naming the stage, the tokenizer and the log.
+
+With ``--submit`` the pipeline is a chain of Slurm jobs per tokenizer: the first unfinished stage goes out through
+that command's own ``--submit`` path (resources: ``job`` merged with ``stage_jobs.<stage>``), followed by a small
+continuation job (this module as a runnable, one CPU task, ``dependency: afterany:<stage job>``) that runs the
+same step again: it sees the finished stage and submits the next, waits again while the stage's job is still
+queued or requeued, or records the failure and stops once ``max_attempts`` submissions of the stage ended without
+its output. Everything checkable is checked before the first submission (config keys, paths, the tokenizers'
+configs, the reference, the recipe at every tokenizer's sizes, each stage's Slurm request); what depends on an
+earlier stage's output (the GPT/tokenizer pair, the class count) is checked when its stage is submitted.
+
+``OUT/results.csv`` / ``results.md`` (one row per tokenizer; blank where a stage has not run) and
+``OUT/tradeoff.png`` (gFID and probe top-1 against rFID, marker area by tokenizer size) are rewritten whenever a
+tokenizer finishes or the pipeline stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tokscale.errors import ReportedError
+from tokscale.jobs.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("recon", "extract-train", "extract-val", "train", "gen", "ar-probe")
+FOLDERS = {
+    "recon": "recon",
+    "extract-train": "tokens-train",
+    "extract-val": "tokens-val",
+    "train": "gpt",
+    "gen": "gen",
+    "ar-probe": "ar-probe",
+}
+MARKERS = {  # the file a finished stage leaves (train: a complete checkpoint at max_steps instead)
+    "recon": "metrics.json",
+    "extract-train": "manifest.json",
+    "extract-val": "manifest.json",
+    "gen": "results.json",
+    "ar-probe": "metrics.json",
+}
+CONTINUATION = "continuation"
+STATE_NAME, CONFIG_NAME = "probe_state.json", "probe_config.yaml"
+STATE_FORMAT = "tokscale-probe-state/1"
+# the pipeline sets these c2i keys itself: a recipe override of them would move the outputs it checks
+RESERVED_RECIPE_KEYS = ("run_dir", "data.train_tokens", "data.val_tokens")
+# Slurm states in which a stage's job may still write its output (it is queued, running or requeued)
+ACTIVE_STATES = {
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+    "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED",
+}  # fmt: skip
+MAX_WAITS = 200  # continuations resubmitted while one stage job stays queued (requeues included)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+@dataclass
+class ReconStageConfig:
+    num_samples: int = 50_000  # validation images reconstructed (the whole set when it is smaller)
+    batch_size: int = 50
+    reference: str = ""  # ADM npz for rFID; "": the same validation crops (GigaTok's protocol)
+    vgg_weights: str = ""  # torchvision VGG16 state dict for LPIPS; "": no LPIPS
+    overrides: list[str] = field(default_factory=list)  # `eval recon` dotlist, e.g. data.num_workers=8
+
+
+@dataclass
+class ExtractStageConfig:
+    train_aug: str = "tencrop"  # LlamaGen's and GigaTok's ten crops with flips
+    val_aug: str = "center"
+    batch_size: int = 64
+
+
+@dataclass
+class GenStageConfig:
+    num_samples: int = 50_000
+    batch_size: int = 32
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    cfg_start_ratio: float = 0.18
+    cfg_search: str = ""  # "" | greedy | grid:1.5,1.75,2
+    search_samples: int = 10_000
+    class_rule: str = "uniform"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    overrides: list[str] = field(default_factory=list)  # `eval gen` dotlist, e.g. is_splits=10
+
+
+@dataclass
+class ArProbeStageConfig:
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 128  # per rank
+    forward_batch: int = 0  # images per forward; 0: the command's default
+    num_train: int = 0  # 0: every training image
+    num_val: int = 0
+    precision: str = "fp32"
+    overrides: list[str] = field(default_factory=list)  # `eval ar-probe` dotlist, e.g. data.num_workers=8
+
+
+@dataclass
+class ProbePipelineConfig:
+    out: str = ""  # OUT: one folder per tokenizer, the state, the table and the plot
+    tokenizers: list[Any] = field(default_factory=list)  # paths, or {name: ..., path: ...}
+    train_data: str = (
+        ""  # image shards (path, pattern, 'embedded'): codes for the GPT, the probe's training set
+    )
+    val_data: str = ""  # rFID/PSNR/usage, the validation codes (val loss) and the probe's test set
+    reference: str = ""  # ADM-format npz for gFID / IS / precision / recall
+    inception_weights: str = ""
+    recipe: str = "c2i/gigatok-probe-B"
+    recipe_overrides: list[str] = field(default_factory=list)  # c2i dotlist, e.g. data.batch_size=32
+    num_classes: int = 0  # the GPT's classes; 0: the largest training label + 1
+    last_stage: str = ""  # stop after this stage ("": run all of STAGES)
+    nproc: int = 1  # local processes per stage (ignored under --submit: each job's own tasks)
+    recon: ReconStageConfig = field(default_factory=ReconStageConfig)
+    extract: ExtractStageConfig = field(default_factory=ExtractStageConfig)
+    gen: GenStageConfig = field(default_factory=GenStageConfig)
+    ar_probe: ArProbeStageConfig = field(default_factory=ArProbeStageConfig)
+    job: JobConfig = field(default_factory=JobConfig)  # every stage's Slurm request ...
+    stage_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... and per stage / continuation
+    max_attempts: int = 1  # submissions of one stage before a continuation gives up on it
+
+    def __post_init__(self):
+        from tokscale.tokenizers.extract import AUGS
+
+        for key in ("out", "train_data", "val_data", "reference", "inception_weights", "recipe"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is empty: expected a path (--{key.replace('_', '-')})")
+        entries = self.entries()  # checks each entry
+        if not entries:
+            raise ValueError(
+                "tokenizers is empty: name at least one tokenizer (a run directory or an export)"
+            )
+        names = [n for n, _ in entries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"tokenizers: the name(s) {dupes} are used twice (a name defaults to the folder's name); give "
+                "them names in the config: tokenizers: [{name: a, path: ...}, ...]"
+            )
+        if self.last_stage and self.last_stage not in STAGES:
+            raise ValueError(f"last_stage={self.last_stage!r}: expected one of {STAGES} (or '' for all)")
+        for key, value in (
+            ("extract.train_aug", self.extract.train_aug),
+            ("extract.val_aug", self.extract.val_aug),
+        ):
+            if value not in AUGS:
+                raise ValueError(f"{key}={value!r}: expected one of {sorted(AUGS)}")
+        if self.nproc < 1 or self.max_attempts < 1 or self.num_classes < 0:
+            raise ValueError(
+                f"nproc={self.nproc} and max_attempts={self.max_attempts} must be >= 1, num_classes="
+                f"{self.num_classes} >= 0"
+            )
+        for item in self.recipe_overrides:
+            key = item.partition("=")[0]
+            if "=" not in item:
+                raise ValueError(f"recipe_overrides item {item!r} is not KEY=VALUE (e.g. data.batch_size=32)")
+            if key in RESERVED_RECIPE_KEYS:
+                raise ValueError(
+                    f"recipe_overrides: {key} is set by the pipeline (OUT/<name>/...); remove it"
+                )
+        for stage in self.stage_jobs:
+            if stage not in (*STAGES, CONTINUATION):
+                raise ValueError(f"stage_jobs.{stage}: expected one of {(*STAGES, CONTINUATION)}")
+            self.job_for(stage)  # bad fields or values fail here, naming them
+
+    def entries(self) -> list[tuple[str, str]]:
+        """(name, path) of every tokenizer; a bare path is named after its folder."""
+        out = []
+        for i, item in enumerate(self.tokenizers):
+            if isinstance(item, str):
+                name, path = Path(item.rstrip("/")).name, item
+            elif isinstance(item, dict) and set(item) <= {"name", "path"} and item.get("path"):
+                path = str(item["path"])
+                name = str(item.get("name") or Path(path.rstrip("/")).name)
+            else:
+                raise ValueError(
+                    f"tokenizers[{i}]={item!r}: expected a path or a mapping with 'path' (and 'name')"
+                )
+            if not NAME_RE.match(name):
+                raise ValueError(
+                    f"tokenizers[{i}]: name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+                )
+            out.append((name, path))
+        return out
+
+    def job_for(self, stage: str) -> JobConfig:
+        """The Slurm request of one stage: ``job`` merged with ``stage_jobs.<stage>``; the continuation starts
+        from ``job``'s partition, account, qos and constraint with one CPU task for 10 minutes (no ``extra``)."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        base = asdict(self.job)
+        if stage == CONTINUATION:
+            base.update(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=0, mem_gb=0.0, time_min=10)
+            base.update(signal_delay_s=min(base["signal_delay_s"], 60), job_name="tokscale-probe", extra={})
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(JobConfig(**base)), self.stage_jobs.get(stage, {}))
+            return OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            raise ValueError(f"stage_jobs.{stage}: {str(err).splitlines()[0]}") from None
+        except ValueError as err:
+            raise ValueError(f"stage_jobs.{stage}: {err}") from None
+
+
+def load_probe_config(path=None, overrides=()) -> ProbePipelineConfig:
+    """schema -> YAML -> dotlist; an unknown key or a wrong type is a ConfigError naming it."""
+    from tokscale.config import load_config as load
+
+    return load(ProbePipelineConfig, path, list(overrides))
+
+
+# -- the plan: what every tokenizer's stages need, checked before anything runs ------------------------------------
+class StageFailed(ReportedError):
+    """A stage's command (or its Slurm submission) failed; the message names stage, tokenizer and log."""
+
+
+@dataclass
+class TokenizerPlan:
+    name: str
+    path: str  # absolute
+    folder: Path  # OUT/<name>
+    codebook_size: int
+    num_tokens: int
+    params: int
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.folder / FOLDERS[stage]
+
+    def log_path(self, stage: str) -> Path:
+        return self.folder / "logs" / f"{stage}.log"
+
+
+@dataclass
+class Plan:
+    cfg: ProbePipelineConfig
+    out: Path
+    tokenizers: list[TokenizerPlan]
+    stages: tuple[str, ...]
+    max_steps: int  # the recipe's train.max_steps: a checkpoint there finishes the train stage
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / CONFIG_NAME
+
+
+def _local(spec: str) -> str:
+    """A shard location with its local parts made absolute (Slurm jobs and subprocesses may start elsewhere)."""
+    parts = []
+    for part in spec.split("::"):
+        p = part.strip()
+        remote = p == "embedded" or "://" in p or p.startswith(("pipe:", "file:"))
+        parts.append(p if remote or not p else os.path.abspath(os.path.expanduser(p)))
+    return "::".join(parts)
+
+
+def tokenizer_params(path: str) -> int:
+    """The parameter count `tokscale model info` gives the tokenizer's config (built on the meta device)."""
+    import torch
+
+    from tokscale.tokenizers.load import model_config_from
+    from tokscale.tokenizers.model import VQTokenizer, param_counts
+
+    with torch.device("meta"):
+        return int(param_counts(VQTokenizer(model_config_from(path)))["params"])
+
+
+def train_overrides(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int) -> list[str]:
+    """The c2i dotlist of one tokenizer's GPT: its folders and sizes, then the recipe overrides."""
+    return [
+        f"run_dir={tok.stage_dir('train')}",
+        f"data.train_tokens={tok.stage_dir('extract-train')}",
+        f"data.val_tokens={tok.stage_dir('extract-val')}",
+        f"model.vocab_size={tok.codebook_size}",
+        f"model.num_tokens={tok.num_tokens}",
+        f"model.num_classes={num_classes}",
+        *cfg.recipe_overrides,
+    ]
+
+
+def c2i_config(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int):
+    from tokscale.autoregressive.train import C2ITask
+    from tokscale.config import ConfigError
+
+    try:
+        return C2ITask.load_config(cfg.recipe, train_overrides(cfg, tok, num_classes))
+    except ConfigError as err:
+        raise ConfigError(
+            f"recipe {cfg.recipe} (with recipe_overrides) for tokenizer {tok.name!r}: {err}"
+        ) from None
+
+
+def make_plan(cfg: ProbePipelineConfig, submit: bool = False, check_cluster: bool = False) -> Plan:
+    """Check everything that can be checked before the first stage runs (or is submitted); raise naming it."""
+    from tokscale.autoregressive.gen_eval import check_reference
+    from tokscale.config import ConfigError
+    from tokscale.data.locations import resolve_shards
+    from tokscale.evaluation.inception import check_weights_path
+    from tokscale.tokenizers.load import model_config_from
+    from tokscale.trainer import check_global_batch
+
+    out = Path(cfg.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={cfg.out}: a file is in the way; choose a folder")
+    resolve_shards(cfg.train_data, "train")  # a missing local shard is an error naming it
+    resolve_shards(cfg.val_data, "eval")
+    check_reference(cfg.reference)
+    check_weights_path(cfg.inception_weights)
+    for key in ("recon.reference", "recon.vgg_weights"):
+        value = getattr(cfg.recon, key.split(".")[1])
+        if value and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"{key}={value!r} not found")
+    toks = []
+    for name, path in cfg.entries():
+        tcfg = model_config_from(path)  # a folder without a tokenizer config fails here, naming it
+        toks.append(
+            TokenizerPlan(
+                name=name,
+                path=str(Path(path).resolve()),
+                folder=out / name,
+                codebook_size=tcfg.quantizer.codebook_size,
+                num_tokens=tcfg.tokens,
+                params=tokenizer_params(path),
+            )
+        )
+    max_steps = 0
+    for tok in toks:  # the recipe at every tokenizer's sizes (the class count is checked with its codes)
+        c2i = c2i_config(cfg, tok, cfg.num_classes or 1)
+        max_steps, every = c2i.train.max_steps, c2i.eval.every_steps
+        if every <= 0 or max_steps % every:
+            raise ConfigError(
+                f"recipe {cfg.recipe}: eval.every_steps={every} does not divide train.max_steps={max_steps}, so "
+                "the GPT would not log val/loss_ce at its last step; add the recipe override eval.every_steps=N "
+                f"with N dividing {max_steps}"
+            )
+        check_global_batch(c2i, cfg.job_for("train").world_size if submit else cfg.nproc)
+    last = STAGES.index(cfg.last_stage) + 1 if cfg.last_stage else len(STAGES)
+    plan = Plan(cfg, out, toks, STAGES[:last], max_steps=max_steps)
+    _check_stage_overrides(plan)
+    if submit and check_cluster:
+        from tokscale.jobs.cluster import validate
+
+        requests = {
+            json.dumps(asdict(cfg.job_for(stage)), sort_keys=True) for stage in (*plan.stages, CONTINUATION)
+        }
+        for request in sorted(
+            requests
+        ):  # sinfo + sbatch --test-only for each distinct request: nothing is queued
+            validate(JobConfig(**json.loads(request)))
+    return plan
+
+
+def _check_stage_overrides(plan: Plan) -> None:
+    """Each command's config from the stage's settings and overrides, as the command will build it (paths are
+    placeholders: they name outputs not made yet), so that a bad value or key fails now, not hours later."""
+    from tokscale.autoregressive.ar_probe import ArProbeConfig
+    from tokscale.autoregressive.gen_eval import GenEvalConfig
+    from tokscale.config import ConfigError, load_config
+    from tokscale.tokenizers.eval_runner import EvalJobConfig
+
+    cfg, x = plan.cfg, "/placeholder"
+    r, g, a = cfg.recon, cfg.gen, cfg.ar_probe
+    recon = ["task=recon", f"tokenizer={x}", f"data.eval_shards={x}", f"eval.num_samples={r.num_samples}"]
+    recon += [f"eval.batch_size={r.batch_size}"]
+    gen = [f"{k}={x}" for k in ("gpt", "tokenizer", "reference", "out", "inception_weights")]
+    gen += [f"num_samples={g.num_samples}", f"batch_size={g.batch_size}", f"class_rule={g.class_rule}"]
+    gen += [f"precision={g.precision}", f"search_samples={g.search_samples}", f"seed={g.seed}"]
+    gen += [f"sample.{k}={getattr(g, k)}" for k in ("cfg_scale", "cfg_schedule", "cfg_start_ratio")]
+    gen += [f"sample.{k}={getattr(g, k)}" for k in ("temperature", "top_k", "top_p")]
+    gen += [f"cfg_search={g.cfg_search}"] if g.cfg_search else []
+    probe = [f"gpt={x}", f"tokenizer={x}", f"data.train_shards={x}", f"data.eval_shards={x}"]
+    probe += [f"probe.{k}={getattr(a, k)}" for k in ("epochs", "warmup_epochs", "batch_size")]
+    probe += [f"precision={a.precision}", f"num_train={a.num_train}", f"num_val={a.num_val}"]
+    probe += [f"data.batch_size={a.forward_batch}"] if a.forward_batch else []
+    checks = (("recon", EvalJobConfig, recon, r.overrides), ("gen", GenEvalConfig, gen, g.overrides))
+    for key, schema, base, overrides in (*checks, ("ar_probe", ArProbeConfig, probe, a.overrides)):
+        try:
+            load_config(schema, None, base + list(overrides))
+        except ConfigError as err:
+            raise ConfigError(f"{key} (its settings and {key}.overrides): {err}") from None
+
+
+# -- stages ---------------------------------------------------------------------------------------------------------
+def stage_finished(plan: Plan, tok: TokenizerPlan, stage: str) -> bool:
+    if stage == "train":
+        from tokscale.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(tok.stage_dir(stage))
+        return found is not None and found[0] >= plan.max_steps
+    return (tok.stage_dir(stage) / MARKERS[stage]).is_file()
+
+
+def token_num_classes(folder: Path) -> int:
+    """The largest label in a token-shard folder + 1, reading only each shard's labels.npy."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    top = -1
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:  # random access: the codes are skipped, not read
+            member = tar.extractfile("labels.npy")
+            labels = np.load(io.BytesIO(member.read()), allow_pickle=False)
+        if labels.size:
+            top = max(top, int(labels.max()))
+    if top < 0:
+        raise ValueError(f"{folder}: no labelled token shards to count the classes of; set num_classes=N")
+    return top + 1
+
+
+def stage_argv(plan: Plan, tok: TokenizerPlan, stage: str, job_config: Path | None = None) -> list[str]:
+    """The ``tokscale`` arguments of one stage: local (``--nproc``) or submitted (``--job-config FILE``)."""
+    cfg, d = plan.cfg, tok.stage_dir(stage)
+    train, val = _local(cfg.train_data), _local(cfg.val_data)
+    ref, weights = str(Path(cfg.reference).resolve()), str(Path(cfg.inception_weights).resolve())
+    run = ["--submit", "--job-config", str(job_config)] if job_config else ["--nproc", str(cfg.nproc)]
+    if stage == "recon":
+        r = cfg.recon
+        argv = ["eval", "recon", tok.path, *r.overrides, "--data", val, "--out", str(d)]
+        argv += ["--inception-weights", weights, "--num-samples", str(r.num_samples)]
+        argv += ["--batch-size", str(r.batch_size)]
+        argv += ["--vgg-weights", str(Path(r.vgg_weights).resolve())] if r.vgg_weights else ["--no-lpips"]
+        argv += ["--reference", str(Path(r.reference).resolve())] if r.reference else []
+        return argv + run
+    if stage in ("extract-train", "extract-val"):
+        is_train = stage == "extract-train"
+        aug = cfg.extract.train_aug if is_train else cfg.extract.val_aug
+        argv = ["extract", tok.path, str(d), "--data", train if is_train else val, "--aug", aug]
+        argv += ["--split", "train" if is_train else "eval", "--batch-size", str(cfg.extract.batch_size)]
+        return argv + run
+    if stage == "train":
+        num_classes = cfg.num_classes or token_num_classes(tok.stage_dir("extract-train"))
+        overrides = train_overrides(cfg, tok, num_classes)
+        if job_config:
+            return ["submit", "c2i", cfg.recipe, *overrides, "--job-config", str(job_config), "--json"]
+        return ["train", "c2i", cfg.recipe, *overrides, "--nproc", str(cfg.nproc)]
+    gpt = str(tok.stage_dir("train"))
+    if stage == "gen":
+        g = cfg.gen
+        argv = ["eval", "gen", gpt, *g.overrides, "--tokenizer", tok.path, "--reference", ref]
+        argv += ["--inception-weights", weights, "--out", str(d), "--num-samples", str(g.num_samples)]
+        argv += ["--batch-size", str(g.batch_size), "--class-rule", g.class_rule, "--seed", str(g.seed)]
+        argv += ["--cfg-scale", str(g.cfg_scale), "--cfg-schedule", g.cfg_schedule]
+        argv += ["--cfg-start-ratio", str(g.cfg_start_ratio), "--temperature", str(g.temperature)]
+        argv += ["--top-k", str(g.top_k), "--top-p", str(g.top_p), "--precision", g.precision]
+        argv += (
+            ["--cfg-search", g.cfg_search, "--search-samples", str(g.search_samples)] if g.cfg_search else []
+        )
+        return argv + run
+    a = cfg.ar_probe
+    argv = ["eval", "ar-probe", gpt, *a.overrides, "--tokenizer", tok.path, "--train-data", train]
+    argv += ["--eval-data", val, "--out", str(d), "--epochs", str(a.epochs)]
+    argv += [
+        "--warmup-epochs",
+        str(a.warmup_epochs),
+        "--batch-size",
+        str(a.batch_size),
+        "--precision",
+        a.precision,
+    ]
+    for flag, value in (
+        ("--forward-batch", a.forward_batch),
+        ("--num-train", a.num_train),
+        ("--num-val", a.num_val),
+    ):
+        argv += [flag, str(value)] if value else []
+    return argv + run
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without the distributed and Slurm variables of the process that runs the pipeline (a
+    continuation is itself a Slurm task): a stage's command sets up its own ranks, its jobs their own."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not (k.startswith(("SLURM_", "SUBMITIT_", "SBATCH_")) and k != "SLURM_CONF")
+    }
+    env.pop("TOKSCALE_RANK_REPORTS", None)
+    env["PYTHONUNBUFFERED"] = "1"  # the stage log fills as the command runs
+    return env
+
+
+def _command(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "tokscale.cli", *argv]
+
+
+def _error_line(log_path: Path, start: int) -> str:
+    """The ``tokscale: error:`` line the command printed after byte ``start`` of its log (else its last line)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("tokscale: error:")]
+    return (errors[-1][len("tokscale: error:") :].strip() if errors else (lines[-1] if lines else ""))[:1000]
+
+
+def _run_logged(argv: list[str], log_path: Path, header: str, capture: bool = False) -> tuple[int, int, str]:
+    """Run ``tokscale ARGV``, appending its output to ``log_path`` after ``header``; returns (exit code, the log's
+    size before it, stdout when ``capture``). Ctrl-C or SIGTERM here stops the command too."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as f:
+        f.write(
+            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n$ {shlex.join(_command(argv))}\n".encode()
+        )
+        f.flush()
+        start = f.tell()
+        stdout = subprocess.PIPE if capture else f
+        proc = subprocess.Popen(_command(argv), stdout=stdout, stderr=f, env=_child_env())
+        try:
+            out, _ = proc.communicate()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        text = out.decode(errors="replace") if capture and out else ""
+        if text:
+            f.write(text.encode())
+    return proc.returncode, start, text
+
+
+# -- state ----------------------------------------------------------------------------------------------------------
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_state(out: Path) -> dict:
+    path = out / STATE_NAME
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"format": STATE_FORMAT, "out": str(out), "invocations": [], "tokenizers": {}}
+
+
+def write_state(out: Path, state: dict) -> None:
+    state["updated"] = _now()
+    tmp = out / f".{STATE_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(out / STATE_NAME)
+
+
+@contextlib.contextmanager
+def state_lock(out: Path, wait: bool):
+    """The pipeline's lock on OUT: a local run holds it throughout (a second one is refused); submissions and
+    continuations hold it while they read, submit and write (they wait for each other)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".probe.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another `tokscale probe` is running on {out} (it holds {out / '.probe.lock'}); wait for it"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tokenizer_record(state: dict, tok: TokenizerPlan) -> dict:
+    rec = state["tokenizers"].setdefault(tok.name, {"path": tok.path, "stages": {}})
+    if rec["path"] != tok.path:
+        raise ValueError(
+            f"{tok.folder}: the outputs of tokenizer {tok.name!r} come from {rec['path']}, not {tok.path}; give "
+            "this tokenizer another name or another --out"
+        )
+    rec["params"] = tok.params
+    return rec
+
+
+def _begin(plan: Plan, mode: str, argv: list[str]) -> dict:
+    from tokscale.config import to_yaml
+
+    state = read_state(plan.out)
+    for tok in plan.tokenizers:
+        _tokenizer_record(state, tok)
+    state["config"] = str(plan.config_path)
+    state["invocations"].append({"time": _now(), "mode": mode, "argv": argv, "pid": os.getpid()})
+    if mode != CONTINUATION:  # a continuation reads this file; the command that starts a chain writes it
+        plan.config_path.write_text(to_yaml(plan.cfg))
+    write_state(plan.out, state)
+    return state
+
+
+def _found_finished(s: dict, submitted_chain: bool) -> None:
+    """A finished stage, as this invocation found it: its job's work (done) or an earlier run's (skipped)."""
+    if submitted_chain and s.get("status") == "submitted":
+        s.update(status="done", ended=_now())
+    elif not (submitted_chain and s.get("status") == "done"):
+        s.update(status="skipped", skipped_at=_now())
+
+
+# -- local run ------------------------------------------------------------------------------------------------------
+def run_local(plan: Plan, argv: list[str]) -> dict:
+    """Every stage of every tokenizer in turn, here; finished stages are skipped, the rest resume."""
+    with state_lock(plan.out, wait=False):
+        state = _begin(plan, "local", argv)
+        rec: dict = {}
+        try:
+            for tok in plan.tokenizers:
+                rec = state["tokenizers"][tok.name]
+                rec["status"] = "running"
+                for stage in plan.stages:
+                    _run_stage(plan, tok, stage, rec["stages"].setdefault(stage, {}), state)
+                rec["status"] = "done"
+                write_state(plan.out, state)
+                write_results(plan)
+        except BaseException as err:
+            rec["status"] = "failed" if isinstance(err, Exception) else "interrupted"
+            write_state(plan.out, state)
+            try:
+                write_results(plan)  # the table of what finished, before the error is reported
+            except Exception as report_err:  # never hide the stage's failure behind the report's
+                log.warning("could not write the results table: %s", report_err)
+            raise
+    return summary(plan)
+
+
+def _run_stage(plan: Plan, tok: TokenizerPlan, stage: str, s: dict, state: dict) -> None:
+    if stage_finished(plan, tok, stage):
+        _found_finished(s, submitted_chain=False)
+        log.info("%s %s: finished before, skipped", tok.name, stage)
+        write_state(plan.out, state)
+        return
+    argv = stage_argv(plan, tok, stage)
+    attempt = int(s.get("attempts", 0)) + 1
+    log_path = tok.log_path(stage)
+    s.update(status="running", started=_now(), command=shlex.join(_command(argv)), log=str(log_path))
+    s.update(attempts=attempt, ended=None, seconds=None, error=None, exit_code=None)
+    write_state(plan.out, state)
+    log.info("%s %s: running (log %s)", tok.name, stage, log_path)
+    t0 = time.time()
+    try:
+        code, start, _ = _run_logged(argv, log_path, f"{tok.name} {stage} attempt {attempt}")
+    except BaseException:
+        s.update(status="interrupted", ended=_now(), seconds=round(time.time() - t0, 1))
+        raise
+    s.update(ended=_now(), seconds=round(time.time() - t0, 1), exit_code=code)
+    if code == 0 and not stage_finished(plan, tok, stage):
+        code, why = 1, f"it exited 0 but left no {MARKERS.get(stage, 'checkpoint at train.max_steps')}"
+    elif code < 0:  # Popen: killed by a signal
+        why = f"killed by {signal.Signals(-code).name}; {_error_line(log_path, start)}"
+    else:
+        why = _error_line(log_path, start) if code else ""
+    if code:
+        s.update(status="failed", error=why)
+        raise StageFailed(
+            f"stage {stage!r} of tokenizer {tok.name!r} failed (exit {code}): {why} (log: {log_path}); rerun the "
+            "same `tokscale probe` command to resume from this stage",
+            log_path=str(log_path),
+        )
+    s["status"] = "done"
+    write_state(plan.out, state)
+
+
+# -- the Slurm chain ------------------------------------------------------------------------------------------------
+@dataclass
+class ContinuationConfig:
+    """The continuation job's config: which pipeline, which tokenizer's chain, which stage job it followed."""
+
+    config: str = ""  # OUT/probe_config.yaml
+    tokenizer: str = ""
+    follows: str = ""  # the Slurm job id this continuation waited for (afterany)
+    run_dir: str = ""  # its own folder: config snapshot and Slurm logs
+
+    def __post_init__(self):
+        for key in ("config", "tokenizer", "run_dir"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is empty")
+
+
+def load_config(path, overrides=()) -> ContinuationConfig:
+    """The runnable interface (tokscale.registry) the continuation job is submitted and run through."""
+    from tokscale.config import load_config as load
+
+    return load(ContinuationConfig, path, list(overrides))
+
+
+def main(cfg: ContinuationConfig, should_stop=None) -> dict:
+    """The continuation job: the next step of one tokenizer's chain (see :func:`submit_chain`)."""
+    plan = make_plan(load_probe_config(cfg.config), submit=True)
+    outcome = submit_chain(
+        plan, ["continuation", cfg.tokenizer, cfg.follows], only=cfg.tokenizer, follows=cfg.follows
+    )
+    return {"status": "finished", **outcome}
+
+
+def submit_chain(plan: Plan, argv: list[str], only: str | None = None, follows: str | None = None) -> dict:
+    """One step of each tokenizer's chain (of ``only``'s when a continuation runs it); returns what happened."""
+    mode = CONTINUATION if only else "submit"
+    with state_lock(plan.out, wait=True):
+        state = _begin(plan, mode, argv)
+        outcome = {}
+        for tok in plan.tokenizers:
+            if only and tok.name != only:
+                continue
+            rec = state["tokenizers"][tok.name]
+            try:
+                outcome[tok.name] = _advance(plan, tok, rec, follows if only else None, state)
+            finally:
+                write_state(plan.out, state)
+        write_results(plan)
+    failed = {n: o for n, o in outcome.items() if o["action"] == "failed"}
+    if failed and not only:
+        name, o = next(iter(failed.items()))
+        raise StageFailed(
+            f"stage {o['stage']!r} of tokenizer {name!r} could not be submitted: {o.get('error')} (log: "
+            f"{o.get('log')}); fix it and rerun the same command",
+            log_path=o.get("log"),
+        )
+    return outcome
+
+
+def _advance(plan: Plan, tok: TokenizerPlan, rec: dict, follows: str | None, state: dict) -> dict:
+    """Mark finished stages; then submit the first unfinished one (with its continuation), wait again for it,
+    or record that its job ended without its output."""
+    from tokscale.jobs.status import slurm_state
+
+    continuation = follows is not None
+    for stage in plan.stages:
+        s = rec["stages"].setdefault(stage, {})
+        if stage_finished(plan, tok, stage):
+            _found_finished(s, submitted_chain=True)
+            continue
+        job = s.get("job_id") if s.get("status") == "submitted" else None
+        # another invocation (the user, a second continuation) submitted it, with its own continuation
+        if job and continuation and job != follows:
+            return {"action": "superseded", "stage": stage, "job_id": job}
+        if job:
+            job_state = slurm_state(job)
+            if job_state in ACTIVE_STATES:  # queued, running or requeued: wait for it (again)
+                cont = s.get("continuation_job_id")
+                if not continuation and cont and slurm_state(cont) in ACTIVE_STATES:
+                    return {"action": "in flight", "stage": stage, "job_id": job, "continuation_job_id": cont}
+                s["waits"] = int(s.get("waits", 0)) + 1
+                if s["waits"] > MAX_WAITS:
+                    return _chain_failed(
+                        rec, s, stage, f"job {job} still {job_state} after {MAX_WAITS} waits"
+                    )
+                s["continuation_job_id"] = _submit_continuation(plan, tok, job, s["waits"])
+                return {"action": "waiting", "stage": stage, "job_id": job, "state": job_state,
+                        "continuation_job_id": s["continuation_job_id"]}  # fmt: skip
+            why = f"job {job} ended ({job_state}) without its output" + _job_error(s.get("job_stderr"))
+            s.update(status="failed", error=why, ended=_now(), log=s.get("job_stderr") or s.get("log"))
+            if continuation and int(s.get("attempts", 0)) >= plan.cfg.max_attempts:
+                return _chain_failed(rec, s, stage, why)
+        elif continuation and s.get("status") == "failed":
+            return _chain_failed(rec, s, stage, s.get("error") or "failed before")
+        return _submit_stage(plan, tok, stage, rec, s)
+    rec["status"] = "done"
+    return {"action": "done", "stage": None}
+
+
+def _job_error(stderr_path: str | None) -> str:
+    """``: <the exception line>`` of a failed job's rank-0 stderr (a Python traceback's last line), or ""."""
+    try:
+        lines = Path(stderr_path).read_text(errors="replace").splitlines() if stderr_path else []
+    except OSError:
+        return ""
+    pattern = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Failed)\b.*)$")
+    found = [m.group(1) for m in map(pattern.match, lines) if m]
+    found += [
+        line[len("tokscale: error:") :].strip() for line in lines if line.startswith("tokscale: error:")
+    ]
+    return f": {found[-1][:500]}" if found else ""
+
+
+def _chain_failed(rec: dict, s: dict, stage: str, why: str) -> dict:
+    s.update(status="failed", error=why)
+    rec["status"] = "failed"
+    log.error("stage %s stopped: %s (log %s)", stage, why, s.get("log"))
+    return {
+        "action": "failed",
+        "stage": stage,
+        "error": why,
+        "log": s.get("log"),
+        "attempts": s.get("attempts"),
+    }
+
+
+def _submitted(stdout: str) -> dict:
+    """The first run a ``--submit`` command printed (the JSON list of tokscale.jobs.submission.SubmittedRun)."""
+    start = stdout.find("[")
+    runs = json.loads(stdout[start:]) if start >= 0 else []
+    if not runs or "job_id" not in runs[0]:
+        raise ValueError(f"no submitted job in the command's output: {stdout[-500:]!r}")
+    return runs[0]
+
+
+def _write_job_config(path: Path, job: JobConfig) -> Path:
+    from tokscale.config import to_yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(job))
+    return path
+
+
+def _submit_stage(plan: Plan, tok: TokenizerPlan, stage: str, rec: dict, s: dict) -> dict:
+    attempt = int(s.get("attempts", 0)) + 1
+    log_path = tok.log_path(stage)
+    rec["status"] = "submitted"
+    try:
+        job_file = _write_job_config(tok.folder / "jobs" / f"{stage}.yaml", plan.cfg.job_for(stage))
+        argv = stage_argv(plan, tok, stage, job_config=job_file)  # needs the earlier stages' outputs
+    except (OSError, ValueError) as err:
+        s.update(log=str(log_path), attempts=attempt)
+        return _chain_failed(rec, s, stage, f"{type(err).__name__}: {err}")
+    s.update(status="submitting", started=_now(), command=shlex.join(_command(argv)), log=str(log_path))
+    s.update(attempts=attempt, ended=None, error=None, waits=0, job_id=None, continuation_job_id=None)
+    code, start, stdout = _run_logged(
+        argv, log_path, f"{tok.name} {stage} submission {attempt}", capture=True
+    )
+    try:
+        if code:
+            raise ValueError(_error_line(log_path, start))
+        run = _submitted(stdout)
+    except ValueError as err:
+        return _chain_failed(rec, s, stage, f"submission failed (exit {code}): {err}")
+    s.update(
+        status="submitted", job_id=run["job_id"], job_stdout=run.get("stdout"), job_stderr=run.get("stderr")
+    )
+    s["continuation_job_id"] = _submit_continuation(plan, tok, run["job_id"], 0)
+    log.info("%s %s: job %s, continuation %s", tok.name, stage, run["job_id"], s["continuation_job_id"])
+    return {"action": "submitted", "stage": stage, "job_id": run["job_id"],
+            "continuation_job_id": s["continuation_job_id"], "attempt": attempt}  # fmt: skip
+
+
+def _submit_continuation(plan: Plan, tok: TokenizerPlan, follows: str, index: int) -> str:
+    """This module as a one-task job that starts once job ``follows`` ended, whatever its outcome."""
+    from tokscale.config import to_yaml
+
+    # one folder per submission: a queued continuation keeps its own snapshot and logs
+    run_dir = tok.folder / "continuations" / f"after-{follows}-{index}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cont = ContinuationConfig(str(plan.config_path), tok.name, str(follows), str(run_dir))
+    (run_dir / "continuation.yaml").write_text(to_yaml(cont))
+    job = plan.cfg.job_for(CONTINUATION)
+    job = replace(job, extra={**job.extra, "dependency": f"afterany:{follows}"})
+    job_file = _write_job_config(run_dir / "job.yaml", job)
+    argv = ["submit", __name__, str(run_dir / "continuation.yaml"), "--job-config", str(job_file), "--json"]
+    log_path = tok.log_path(CONTINUATION)
+    code, start, stdout = _run_logged(
+        argv, log_path, f"{tok.name} continuation after job {follows}", capture=True
+    )
+    if code:
+        raise StageFailed(
+            f"the continuation job after job {follows} of tokenizer {tok.name!r} could not be submitted: "
+            f"{_error_line(log_path, start)} (log: {log_path}); rerun `tokscale probe ... --submit` once it ended",
+            log_path=str(log_path),
+        )
+    return _submitted(stdout)["job_id"]
+
+
+# -- results ---------------------------------------------------------------------------------------------------------
+ROW_KEYS = (
+    "tokenizer",
+    "params",
+    "rfid",
+    "psnr",
+    "codebook_usage",
+    "ar_val_loss",
+    "gfid",
+    "is",
+    "precision",
+    "recall",
+    "probe_top1",
+)  # fmt: skip (tokscale.jobs.probe_cli.COLUMNS: their headers and formats)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def last_val_loss(run_dir: Path) -> float | None:
+    value = None
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    value = json.loads(line).get("val/loss_ce", value)
+    except OSError:
+        return None
+    return value
+
+
+def result_row(plan: Plan, tok: TokenizerPlan) -> dict:
+    """One tokenizer's numbers, from the outputs of its finished stages only (None where a stage has not run)."""
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(tokenizer=tok.name, params=tok.params)
+    done = {stage: stage_finished(plan, tok, stage) for stage in STAGES}
+    if done["recon"]:
+        m = _read_json(tok.stage_dir("recon") / "metrics.json").get("metrics", {})
+        row.update(rfid=m.get("rfid"), psnr=m.get("psnr"), codebook_usage=m.get("codebook_usage"))
+    if done["train"]:
+        row["ar_val_loss"] = last_val_loss(tok.stage_dir("train"))
+    if done["gen"]:
+        g = _read_json(tok.stage_dir("gen") / "results.json")
+        row.update(gfid=g.get("fid"), precision=g.get("precision"), recall=g.get("recall"))
+        row["is"] = g.get("is_mean")
+    if done["ar-probe"]:
+        row["probe_top1"] = _read_json(tok.stage_dir("ar-probe") / "metrics.json").get("top1")
+    return row
+
+
+def write_results(plan: Plan) -> dict[str, str]:
+    """OUT/results.csv, OUT/results.md and OUT/tradeoff.png from what is finished now."""
+    from tokscale.jobs.probe_cli import write_report
+
+    rows = [result_row(plan, tok) for tok in plan.tokenizers]
+    title = f"Tokenizer probe: {plan.cfg.recipe} on {plan.cfg.train_data}"
+    return write_report(rows, plan.out, title)
+
+
+def summary(plan: Plan) -> dict:
+    state = read_state(plan.out)
+    return {
+        "out": str(plan.out),
+        "results": {k: str(plan.out / v) for k, v in (("csv", "results.csv"), ("md", "results.md"),
+                                                         ("png", "tradeoff.png"), ("state", STATE_NAME))},
+        "rows": [result_row(plan, tok) for tok in plan.tokenizers],
+        "stages": {n: {s: r.get("status") for s, r in rec["stages"].items()} for n, rec in state["tokenizers"].items()
+                   if n in {t.name for t in plan.tokenizers}},
+    }  # fmt: skip

@@ -1,0 +1,357 @@
+"""``tokscale probe``: several tokenizers through recon -> extraction -> GPT (AR-probing recipe) -> val loss ->
+gFID -> AR probe, here or as chains of Slurm jobs, and the report: one results table and the trade-off plot.
+
+    tokscale probe runs/tok-S runs/tok-B --train-data '/data/in1k/train-{000000..001023}.tar' \\
+        --val-data '/data/in1k/val-{000000..000049}.tar' --reference VIRTUAL_imagenet256_labeled.npz \\
+        --inception-weights pt_inception-2015-12-05-6726825d.pth --out probes/in1k --nproc 8 \\
+        --recipe-override data.batch_size=32
+    tokscale probe --config probes.yaml --out probes/in1k --submit -p gpu --gpus-per-node 8 -t 1440
+    tokscale probe ... gen.num_samples=10000 ar_probe.epochs=10 stage_jobs.train.nodes=4     # KEY=VALUE overrides
+
+Positional TOKENIZER items are run directories or exports (named after their folder; they replace the config's
+``tokenizers``); positional KEY=VALUE items are dotlist overrides of
+:class:`tokscale.jobs.probe.ProbePipelineConfig`; ``--recipe-override`` items are added to its
+``recipe_overrides`` (the c2i dotlist). The Slurm flags set ``job`` (every stage's request; ``stage_jobs.<stage>``
+changes one stage's). The pipeline itself is tokscale.jobs.probe; this module parses the command and draws the
+report (``OUT/results.csv``, ``OUT/results.md``, ``OUT/tradeoff.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    from tokscale.jobs.cli import add_slurm_flags
+    from tokscale.jobs.probe import STAGES  # light: the pipeline imports torch only inside its functions
+
+    p = sub.add_parser(
+        "probe",
+        help="probe tokenizers downstream: rFID, codes, GPT val loss, gFID, AR probe; one table + plot (resumable)",
+        description=(
+            "tokscale probe TOKENIZER [TOKENIZER ...] --train-data SHARDS --val-data SHARDS --reference REF.npz "
+            "--inception-weights PTH --out DIR [--recipe c2i/gigatok-probe-B] [--config PROBE.yaml] [KEY=VALUE ...] "
+            "[--nproc N | --submit + Slurm flags]. For each tokenizer: eval recon -> extract (train, val) -> "
+            "train c2i -> eval gen -> eval ar-probe, under DIR/<name>/. Finished stages are skipped; a rerun "
+            "resumes the stage it stopped in. Writes DIR/probe_state.json, DIR/<name>/logs/<stage>.log, "
+            "DIR/results.csv, DIR/results.md and DIR/tradeoff.png. With --submit: a chain of Slurm jobs per "
+            "tokenizer, each stage followed by a continuation job that submits the next."
+        ),
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="TOKENIZER|KEY=VALUE",
+        help="tokenizer run directories or exports, and dotlist overrides such as gen.num_samples=10000",
+    )
+    p.add_argument(
+        "--config", default=None, help="YAML of ProbePipelineConfig fields (tokenizers, stages, jobs)"
+    )
+    p.add_argument("--train-data", default=None, help="training image shards (path, pattern, 'embedded')")
+    p.add_argument("--val-data", default=None, help="validation image shards")
+    p.add_argument("--reference", default=None, help="ADM-format npz for gFID / IS / precision / recall")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity's Inception .pth (local file)")
+    p.add_argument("--out", default=None, help="output folder DIR")
+    p.add_argument("--recipe", default=None, help="c2i recipe (default c2i/gigatok-probe-B)")
+    p.add_argument(
+        "--recipe-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="c2i override added to recipe_overrides, repeatable (e.g. data.batch_size=32)",
+    )
+    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage (last_stage)")
+    p.add_argument("--nproc", type=int, default=None, help="local processes per stage (default 1)")
+    slurm = p.add_argument_group("Slurm (a chain of jobs per tokenizer instead of running here)")
+    slurm.add_argument("--submit", action="store_true", help="submit each tokenizer's next stage and return")
+    add_slurm_flags(slurm)
+    p.set_defaults(func=probe_command)
+
+
+def _quoted(value) -> str:
+    """A dotlist value that stays a string (or list of strings) whatever it looks like: a JSON literal, which
+    YAML reads back as written."""
+    return json.dumps(value)
+
+
+def dotlist_from_args(args: argparse.Namespace) -> list[str]:
+    """The ProbePipelineConfig overrides the flags stand for, then the positional KEY=VALUE items."""
+    from tokscale.config import load_yaml, resolve_config_path
+    from tokscale.jobs.cli import JOB_FLAGS
+
+    dot = []
+    for attr, key in (("train_data", "train_data"), ("val_data", "val_data"), ("reference", "reference"),
+                      ("inception_weights", "inception_weights"), ("out", "out"), ("recipe", "recipe"),
+                      ("until", "last_stage")):  # fmt: skip
+        if getattr(args, attr):
+            dot.append(f"{key}={_quoted(getattr(args, attr))}")
+    if args.nproc is not None:
+        dot.append(f"nproc={args.nproc}")
+    tokenizers = [item for item in args.items if "=" not in item]
+    if tokenizers:
+        dot.append(f"tokenizers={_quoted(tokenizers)}")
+    if args.recipe_override:
+        base = []
+        if args.config:
+            base = list(load_yaml(resolve_config_path(args.config)).get("recipe_overrides", None) or [])
+        dot.append(f"recipe_overrides={_quoted([str(x) for x in base] + list(args.recipe_override))}")
+    if args.job_config:
+        from omegaconf import OmegaConf
+
+        for key, value in OmegaConf.to_container(OmegaConf.load(args.job_config)).items():
+            if key == "extra" and isinstance(value, dict):
+                dot += [f"job.extra.{k}={_quoted(v)}" for k, v in value.items()]
+            else:
+                dot.append(f"job.{key}={_quoted(value)}")
+    for _, dest, _, _ in JOB_FLAGS:
+        value = getattr(args, f"job_{dest}")
+        if value is not None:
+            dot.append(f"job.{dest}={_quoted(value)}")
+    for item in args.slurm:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm {item!r}: expected OPTION=VALUE, e.g. --slurm mail-type=END")
+        dot.append(f"job.extra.{key.lstrip('-')}={_quoted(value)}")
+    return dot + [item for item in args.items if "=" in item]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the running stage's command too (tokscale.jobs.probe._run_logged)
+
+
+def probe_command(args: argparse.Namespace) -> int:
+    from tokscale.jobs.probe import load_probe_config, make_plan, run_local, submit_chain
+
+    cfg = load_probe_config(args.config, dotlist_from_args(args))  # a bad key fails here, naming it
+    plan = make_plan(cfg, submit=args.submit, check_cluster=args.submit)  # nothing written before this passes
+    args.log_dir = str(plan.out / "logs")  # where tokscale.errors writes a failure's traceback
+    argv = ["tokscale", *sys.argv[1:]]
+    if args.submit:
+        print(json.dumps({"out": str(plan.out), "tokenizers": submit_chain(plan, argv)}, indent=2))
+        return 0
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(json.dumps(run_local(plan, argv), indent=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+COLUMNS = (  # (CSV key, Markdown header, format)
+    ("tokenizer", "tokenizer", "{}"),
+    ("params", "params", "{:,}"),
+    ("rfid", "rFID", "{:.2f}"),
+    ("psnr", "PSNR (dB)", "{:.2f}"),
+    ("codebook_usage", "codebook usage", "{:.1%}"),
+    ("ar_val_loss", "AR val loss", "{:.4f}"),
+    ("gfid", "gFID", "{:.2f}"),
+    ("is", "IS", "{:.2f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("probe_top1", "probe top-1 (%)", "{:.2f}"),
+)
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a temporary name and a rename: a reader (another continuation) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    write(tmp)
+    tmp.replace(path)
+
+
+def write_report(rows: list[dict], out: Path, title: str) -> dict[str, str]:
+    """``out/results.csv`` (raw values: usage a fraction, top-1 in %), ``out/results.md`` (formatted) and
+    ``out/tradeoff.png``; a value of None is a blank cell."""
+    out = Path(out)
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([key for key, _, _ in COLUMNS])
+            for row in rows:
+                writer.writerow(["" if row[k] is None else row[k] for k, _, _ in COLUMNS])
+
+    _replace(out / "results.csv", write_csv)
+    header = [h for _, h, _ in COLUMNS]
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    for row in rows:
+        cells = ["" if row[k] is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "rFID, PSNR and codebook usage: `eval recon` on the validation data; AR val loss: the GPT's validation "
+        "cross-entropy at its last step; gFID, IS, precision, recall: `eval gen` against the reference; probe "
+        "top-1: `eval ar-probe`. A blank cell: that stage has not finished.",
+    ]
+    _replace(out / "results.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+    draw_tradeoff(rows, out / "tradeoff.png")
+    return {"csv": str(out / "results.csv"), "md": str(out / "results.md"), "png": str(out / "tradeoff.png")}
+
+
+# -- the plot (PIL: matplotlib is not a dependency) -----------------------------------------------------------------
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # fmt: skip
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k apart) covering [lo, hi]; a single value gets a span around it."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, last + 1)]
+
+
+def _tick_label(value: float, step: float) -> str:
+    """``value`` with as many decimals as the tick step needs (0.25 steps: 2, 2.5 steps: 1, 5 steps: 0)."""
+    decimals = next((d for d in range(7) if abs(round(step, d) - step) <= 1e-9 * max(1.0, step)), 6)
+    return f"{value:.{decimals}f}"
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        with contextlib.suppress(OSError):
+            return ImageFont.truetype(name, size)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _short_params(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def draw_tradeoff(
+    rows: list[dict], path: Path, title: str = "Reconstruction vs generation trade-off"
+) -> Path:
+    """Two panels against rFID: gFID (lower is better) and AR-probe top-1 (higher is better); each tokenizer a
+    disc of area proportional to its parameters, labelled with its name and size."""
+    from PIL import Image, ImageDraw
+
+    width, height = 1400, 640
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    f_title, f_axis, f_tick = _font(22), _font(16), _font(13)
+    draw.text((width // 2, 18), title, fill="black", font=f_title, anchor="ma")
+    caption = "each disc a tokenizer (name, parameters), its area proportional to the parameter count"
+    draw.text((width // 2, height - 14), caption, fill="#555555", font=f_tick, anchor="md")
+    sizes = [r["params"] for r in rows if r.get("params")]
+    biggest = max(sizes) if sizes else 1
+    colours = {r["tokenizer"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    panels = (("gfid", "gFID (lower is better)"), ("probe_top1", "AR probe top-1 % (higher is better)"))
+    for i, (key, ylabel) in enumerate(panels):
+        box = (
+            90 + i * 690,
+            70,
+            90 + i * 690 + 560,
+            height - 110,
+        )  # the plotting area: left, top, right, bottom
+        points = [
+            (r["rfid"], r[key], r) for r in rows if r.get("rfid") is not None and r.get(key) is not None
+        ]
+        _panel(img, draw, box, points, ylabel, colours, biggest, (f_axis, f_tick))
+    path = Path(path)
+    _replace(path, lambda p: img.save(p, format="PNG"))
+    return path
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _cost(rect, taken: list, num_discs: int) -> int:
+    """How much a label at ``rect`` covers: another label counts ten times a disc."""
+    return sum((10 if i >= num_discs else 1) * _overlaps(rect, b) for i, b in enumerate(taken))
+
+
+def _panel(img, draw, box, points, ylabel, colours, biggest, fonts) -> None:
+    """One scatter panel in ``box`` (left, top, right, bottom): grid, ticks, axis labels, labelled discs."""
+    from PIL import Image, ImageDraw
+
+    f_axis, f_tick = fonts
+    left, top, right, bottom = box
+    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
+
+    def span(values):  # 8 % room on each side, so that no disc sits on the frame; none below 0 (FIDs, %)
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.08 or abs(lo) * 0.1 or 1.0
+        return nice_ticks(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+
+    xt, yt = span(xs), span(ys)
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    for t in xt:  # grid, ticks and their labels
+        x, _ = px(t, y0)
+        draw.line([(x, top), (x, bottom)], fill="#e6e6e6")
+        draw.line([(x, bottom), (x, bottom + 6)], fill="black", width=2)
+        draw.text((x, bottom + 10), _tick_label(t, xt[1] - xt[0]), fill="black", font=f_tick, anchor="ma")
+    for t in yt:
+        _, y = px(x0, t)
+        draw.line([(left, y), (right, y)], fill="#e6e6e6")
+        draw.line([(left - 6, y), (left, y)], fill="black", width=2)
+        draw.text((left - 10, y), _tick_label(t, yt[1] - yt[0]), fill="black", font=f_tick, anchor="rm")
+    draw.rectangle([left, top, right, bottom], outline="black", width=2)
+    draw.text(
+        ((left + right) / 2, bottom + 34), "rFID (lower is better)", fill="black", font=f_axis, anchor="ma"
+    )
+    label = Image.new("RGB", (int(draw.textlength(ylabel, font=f_axis)) + 8, 24), "white")
+    ImageDraw.Draw(label).text((4, 2), ylabel, fill="black", font=f_axis)
+    rotated = label.rotate(90, expand=True)
+    img.paste(rotated, (left - 80, int((top + bottom) / 2 - rotated.height / 2)))
+    if not points:
+        draw.text(((left + right) / 2, (top + bottom) / 2), "no finished results yet", fill="#888888",
+                  font=f_axis, anchor="mm")  # fmt: skip
+        return
+    discs = []  # (cx, cy, r, row), the biggest first so that small discs stay visible on top
+    for x, y, row in sorted(points, key=lambda p: -(p[2].get("params") or 0)):
+        cx, cy = px(x, y)
+        discs.append((cx, cy, 6 + 18 * math.sqrt((row.get("params") or 0) / biggest), row))
+    for cx, cy, r, row in discs:
+        colour = colours[row["tokenizer"]]
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline="black", width=1)
+    taken = [(cx - r, cy - r, cx + r, cy + r) for cx, cy, r, _ in discs]
+    for cx, cy, r, row in discs:  # each label beside its disc, where it covers no disc and no other label
+        text = f"{row['tokenizer']} ({_short_params(row.get('params'))})"
+        tw, th = draw.textlength(text, font=f_tick), 16
+        spots = [(cx + r + 5, cy - th / 2), (cx - r - 5 - tw, cy - th / 2), (cx - tw / 2, cy - r - th - 3),
+                 (cx - tw / 2, cy + r + 3), (cx + r + 3, cy - r - th), (cx - r - 3 - tw, cy + r)]  # fmt: skip
+        inside = [(tx, ty) for tx, ty in spots if left + 3 <= tx and tx + tw <= right - 3 and top + 3 <= ty
+                  and ty + th <= bottom - 3]  # fmt: skip
+
+        tx, ty = min(
+            inside or spots, key=lambda p: _cost((p[0], p[1], p[0] + tw, p[1] + th), taken, len(discs))
+        )
+        tx, ty = min(max(tx, left + 3), right - tw - 3), min(max(ty, top + 3), bottom - th - 3)
+        taken.append((tx, ty, tx + tw, ty + th))
+        draw.rectangle([tx - 2, ty - 1, tx + tw + 2, ty + th], fill="white")
+        draw.text((tx, ty), text, fill="black", font=f_tick)
