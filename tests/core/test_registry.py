@@ -82,6 +82,11 @@ def test_config_show_and_export_work_for_the_toy_trainer(tmp_path):
     assert "dim: 3" in out.stdout and "ema_decay: 0.9" in out.stdout
     bad = tokscale("config", "show", str(cfg), "model.dims=3", "--schema", "toy")
     assert bad.returncode == 2 and "model.dims" in bad.stderr
+    # overrides after an option are overrides too; anything else left over is still refused
+    after = tokscale("config", "show", str(cfg), "--schema", "toy", "model.dim=5")
+    assert after.returncode == 0 and "dim: 5" in after.stdout, after.stderr
+    stray = tokscale("config", "show", str(cfg), "--schema", "toy", "--no-such-flag")
+    assert stray.returncode == 2 and "unrecognized arguments: --no-such-flag" in stray.stderr
     assert tokscale("train", "toy", str(cfg)).returncode == 0
     # the run's own config.yaml names its schema: no --schema needed
     again = tokscale("config", "show", str(tmp_path / "run" / "config.yaml"))
