@@ -4,7 +4,7 @@
     tokscale eval ar-probe runs/c2i --tokenizer runs/tok --train-data /data/in1k/train \\
         --eval-data /data/in1k/val --out eval/ar-probe --nproc 8                 # writes the config, launches
 
-The protocol (../shared/REFERENCE-AR.md §5, ``GT: autoregressive/lin_probe/lin_probe.py``):
+The protocol (GigaTok's ``autoregressive/lin_probe/lin_probe.py`` and its composite scripts):
 
 - features: the images' codes ``z`` (tokenizer encode), the teacher-forced sequence ``[null class] + z[:-1]``
   (the null class, index ``num_classes``, for every image: unconditional features), the hidden state after

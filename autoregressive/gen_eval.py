@@ -4,7 +4,7 @@
     tokscale eval gen runs/c2i --tokenizer runs/tok --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception.pth --out eval/gen --nproc 8              # writes it, launches
 
-The protocol (../shared/REFERENCE-AR.md §4, what LlamaGen, GigaTok and DetailFlow report): N = 50,000 samples,
+The protocol (what LlamaGen, GigaTok and DetailFlow report, through the ADM evaluator): N = 50,000 samples,
 decoded, resized (bicubic) to the reference's resolution when the tokenizer decodes at another one, quantised to
 uint8 as ``clamp(127.5 x + 128, 0, 255)``; FID on Inception pool3 against the reference's ``mu``/``sigma``, IS
 over 10 splits (torch-fidelity's permutation, :mod:`tokscale.evaluation.inception_score`), and precision /
