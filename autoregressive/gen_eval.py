@@ -246,10 +246,11 @@ def _save_chunk(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _load_chunk(path: Path) -> dict[str, np.ndarray]:
+def _load_chunk(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The chunk's arrays (only ``keys``: an npz member is read when asked for, and the images are most of it)."""
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in (keys or z.files)}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(
             f"sample chunk {path} is unreadable ({err}); delete it and rerun to make it again"
@@ -380,7 +381,7 @@ def score_point(cfg: GenEvalConfig, folder: Path, num: int, reference, device) -
     isc = InceptionScore(cfg.is_splits)
     pools = []
     for path in _point_chunks(folder, num, cfg.batch_size):
-        chunk = _load_chunk(path)
+        chunk = _load_chunk(path, ("index", "pool", "logits"))
         start = int(chunk["index"][0])
         pool = torch.from_numpy(chunk["pool"])
         stats.update(pool)
@@ -413,8 +414,7 @@ def score_point(cfg: GenEvalConfig, folder: Path, num: int, reference, device) -
 def write_adm_npz(path: Path, chunk_paths: list[Path], num: int) -> None:
     """``arr_0`` uint8 (N, H, W, 3) and ``arr_1`` int64 labels, streamed chunk by chunk into the zip (50,000
     images at 256 are 9.8 GB: never all in memory)."""
-    first = _load_chunk(chunk_paths[0])
-    h, w = first["images"].shape[1:3]
+    h, w = _load_chunk(chunk_paths[0], ("images",))["images"].shape[1:3]
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, dtype, shape, key in (
@@ -425,7 +425,7 @@ def write_adm_npz(path: Path, chunk_paths: list[Path], num: int) -> None:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
                 np.lib.format.write_array_header_1_0(f, {**header, "shape": shape})
                 for p in chunk_paths:
-                    arr = first[key] if p == chunk_paths[0] else _load_chunk(p)[key]
+                    arr = _load_chunk(p, (key,))[key]
                     f.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
     os.replace(tmp, path)
 
@@ -438,7 +438,7 @@ def _grid(chunk_paths: list[Path], out: Path) -> None:
 
     images = []
     for p in chunk_paths:
-        images.append(_load_chunk(p)["images"])
+        images.append(_load_chunk(p, ("images",))["images"])
         if sum(len(i) for i in images) >= GRID_SAMPLES:
             break
     x = torch.from_numpy(np.concatenate(images)[:GRID_SAMPLES]).permute(0, 3, 1, 2).float() / 255
@@ -533,7 +533,7 @@ def main(cfg: GenEvalConfig, should_stop=None) -> dict:
         staging.mkdir(parents=True, exist_ok=True)
         write_adm_npz(staging / "samples.npz", chunk_paths, cfg.num_samples)
         _grid(chunk_paths, staging / "grid.png")
-        labels = np.concatenate([_load_chunk(p)["labels"] for p in chunk_paths])
+        labels = np.concatenate([_load_chunk(p, ("labels",))["labels"] for p in chunk_paths])
         sampler_settings = {**asdict(cfg.sample), "cfg_scale": best_scale}
         results = {
             **{k: final[k] for k in final if k != "cfg_scale"},
