@@ -76,6 +76,10 @@ def overrides(run_dir, shards: str, vgg: Path, dino: Path) -> list[str]:
         "train.image_every=3",
         "train.progress=false",
         "optim.warmup_steps=2",
+        # the values the golden losses were recorded with (conf/tokenizer/demo.yaml has since changed them)
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-4",
+        "model.cnn.num_groups=32",
         "eval.every_steps=0",
         "loss.perceptual.weight=1.0",
         f"loss.perceptual.vgg_weights={vgg}",
