@@ -1,10 +1,12 @@
-"""AR-model commands: ``convert llamagen``, ``convert gigatok-gpt``, and the GPT presets that the base's
-``model info|list`` show (tokscale.commands).
+"""AR-model commands: ``convert llamagen``, ``convert gigatok-gpt``, ``sample``, ``demo`` (the tokenizer stage, then
+the AR stages: tokscale.autoregressive.demo), and the GPT presets that the base's ``model info|list`` show
+(tokscale.commands).
 
     tokscale model info gpt-XXL
     tokscale model info gpt-B-1d num_tokens=576
     tokscale convert llamagen c2i_L_384.pt exports/llamagen-gpt-L-384 --num-tokens 576
     tokscale convert gigatok-gpt GigaTok_GPT_XXL.pt exports/gigatok-gpt-XXL --weights model
+    tokscale demo [--run-dir runs/demo] [--skip-ar | --ar-only] [--inception-weights PTH] [OVERRIDES...]
 """
 
 from __future__ import annotations
@@ -50,6 +52,50 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from tokscale.autoregressive.sample_cli import add_sample_command
 
     add_sample_command(sub)
+    add_demo_command(sub)
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the embedded demo: train 2d-tiny (PSNR/SSIM/usage before and after), extract its codes, train a "
+        "tiny GPT, sample a grid per class, gFID and AR probe, all into RUN/demo_metrics.json",
+        description="tokscale demo [--run-dir runs/demo] [--skip-ar | --ar-only] [--inception-weights PTH] "
+        "[OVERRIDES...]",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotlist overrides: KEY=VALUE of conf/tokenizer/demo.yaml, c2i.KEY=VALUE of conf/c2i/demo.yaml, "
+        "ar.KEY=VALUE of the AR stages (tokscale.autoregressive.demo.ArDemoConfig, e.g. ar.gen_samples=200)",
+    )
+    p.add_argument("--run-dir", default="runs/demo", help="where the runs, PNGs and demo_metrics.json go")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--skip-ar", action="store_true", help="the tokenizer stage alone")
+    only.add_argument(
+        "--ar-only", action="store_true", help="the AR stages alone, on the tokenizer already in --run-dir"
+    )
+    p.add_argument(
+        "--inception-weights",
+        default="",
+        help="torch-fidelity's Inception weights for gFID (default: $TOKSCALE_INCEPTION_WEIGHTS, else randomly "
+        "initialised weights, which demo_metrics.json then names: a number for comparing demo runs only)",
+    )
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from tokscale.autoregressive.demo import run
+
+    report = run(
+        args.run_dir,
+        args.overrides,
+        skip_ar=args.skip_ar,
+        ar_only=args.ar_only,
+        inception_weights=args.inception_weights,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def add_eval_commands(esub: argparse._SubParsersAction) -> None:

@@ -1,5 +1,6 @@
-"""Tokenizer commands: ``convert gigatok``, ``demo``, ``bench tokenizer``, ``bench zero``, and the tokenizer presets
-that the base's ``model info|list`` show (tokscale.commands).
+"""Tokenizer commands: ``convert gigatok``, ``extract``, ``bench tokenizer``, ``bench zero``, and the tokenizer presets
+that the base's ``model info|list`` show (tokscale.commands). ``demo`` runs the tokenizer stage
+(tokscale.tokenizers.demo) and then AR stages, so tokscale.autoregressive.cli registers it.
 
 Training, submission and export are generic over registered trainers (tokscale.jobs.cli); the tokenizer
 registers itself as the trainer ``tokenizer`` in pyproject.toml. Evaluation commands: tokscale.tokenizers.eval_cli.
@@ -86,15 +87,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_job_flags(ex)
     ex.set_defaults(func=extract)
 
-    demo = sub.add_parser(
-        "demo",
-        help="train 2d-tiny on the embedded dataset and report PSNR/SSIM/usage before and after",
-        description="tokscale demo [--run-dir runs/demo] [OVERRIDES...]",
-    )
-    demo.add_argument("overrides", nargs="*", help="dotlist overrides of conf/tokenizer/demo.yaml")
-    demo.add_argument("--run-dir", default="runs/demo", help="where the run, grid PNG and metrics JSON go")
-    demo.set_defaults(func=run_demo)
-
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b = bench_sub.add_parser(
@@ -150,13 +142,6 @@ def convert_gigatok(args: argparse.Namespace) -> int:
         args.overwrite,
     )
     print(json.dumps({"export": str(out)}))
-    return 0
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from tokscale.tokenizers.demo import demo
-
-    print(json.dumps(demo(args.run_dir, args.overrides), indent=2))
     return 0
 
 
