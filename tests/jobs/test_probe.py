@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from tokscale.cli import main as cli_main
-from tokscale.jobs.probe import STAGES
+from tokscale.config import conf_dir, resolve_config_path
+from tokscale.jobs.probe import STAGES, load_probe_config
 from tokscale.jobs.probe_cli import COLUMNS, PALETTE, nice_ticks, write_report
 
 CONFIG = """\
@@ -267,6 +268,15 @@ def test_a_bad_key_in_the_config_file_and_a_missing_reference_fail_before_anythi
     assert cli_main(["probe", "--config", str(assets["config"]), *flags]) == 2
     assert "missing.npz" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (conf_dir() / "probe").glob("*.yaml")))
+def test_every_probe_config_in_conf_validates_with_every_stage_job(name):
+    cfg = load_probe_config(resolve_config_path(f"probe/{name}"))
+    assert len(cfg.entries()) >= 2 and cfg.recipe
+    resolve_config_path(cfg.recipe)  # the GPT recipe it names exists
+    for stage in STAGES:
+        assert cfg.job_for(stage).time_min >= 1
 
 
 def test_nice_ticks_cover_the_values_with_round_steps():
