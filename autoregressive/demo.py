@@ -32,6 +32,7 @@ as many real train images against the same reference: the floor at this sample c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -157,7 +158,7 @@ def run(
                 f"--ar-only trains no tokenizer: its overrides {parts.tokenizer} would not apply"
             )
         metrics_path = out / METRICS
-        report = _read_json(metrics_path) if metrics_path.is_file() else {}
+        report = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     else:
         report = tokenizer_demo(run_dir, parts.tokenizer)
     if not skip_ar:
@@ -173,12 +174,6 @@ def run(
     )
     (out / METRICS).write_text(strict_dumps(report, indent=2) + "\n")
     return report
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _check_c2i_overrides(overrides: list[str]) -> None:
@@ -313,7 +308,7 @@ def train_gpt(run_dir: Path, cfg: ArDemoConfig, overrides: list[str]) -> dict:
     timer = time.time()
     result = main(c2i)
     seconds = time.time() - timer
-    rows = [_json_line(line) for line in (run_dir / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "gpt" / "metrics.jsonl").read_text().splitlines()]
     val = [(r["step"], r["val/loss_ce"]) for r in rows if "val/loss_ce" in r]
     train = [r["train/loss_ce"] for r in rows if "train/loss_ce" in r]
     with torch.device("meta"):
@@ -335,12 +330,6 @@ def train_gpt(run_dir: Path, cfg: ArDemoConfig, overrides: list[str]) -> dict:
         "ce_note": "nats per token on the 200 held-out images' codes; ln_vocab: uniform guessing; unigram_ce: "
         "only the training codes' frequencies. Below unigram_ce the GPT uses the class and the preceding codes",
     }
-
-
-def _json_line(line: str) -> dict:
-    import json
-
-    return json.loads(line)
 
 
 def reference_npz(cache_dir: str, resolution: int, per_class: int = 0) -> Path:
@@ -440,7 +429,7 @@ def score_samples(run_dir: Path, cfg: ArDemoConfig, reference: Path, weights: st
     )
     prepare(gen)
     main(gen)
-    results = _read_json(run_dir / "gen" / "results.json")
+    results = json.loads((run_dir / "gen" / "results.json").read_text())
     return {
         "gfid": results["fid"],
         "num_samples": results["num_samples"],
