@@ -83,7 +83,8 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         flat = style.flatten(2)
-        scale = self.to_scale((flat.var(dim=-1) + self.eps).sqrt())
+        # a 1x1 style map (a DetailFlow prefix decoded at one patch) has no unbiased variance: use 0 there
+        scale = self.to_scale((flat.var(dim=-1, correction=int(flat.shape[-1] > 1)) + self.eps).sqrt())
         shift = self.to_shift(flat.mean(dim=-1))
         return scale[..., None, None] * self.norm(x) + shift[..., None, None]
 

@@ -26,6 +26,16 @@ Augmentations (``aug``): each image is stored once, as the codes of all its crop
 
 Images are encoded in batches of ``batch_size`` crops (the references encode one image at a time; ``tokscale
 bench extract`` measures the difference).
+
+A DetailFlow tokenizer trained with self-correction (``model.detailflow``) stores three token streams per crop,
+in the shard's token axis one after the other (stream-major): tokens.npy is (count, num_augs, 3 x N) and
+``tokens.reshape(count, num_augs, 3, N)[:, :, s]`` is stream s of ``streams`` = clean, input, label
+(tokscale.tokenizers.detailflow.encode_streams: the clean codes; the AR input with one corrupted span and the tail
+re-encoded after it; the AR label, clean up to the span's end, then the re-encoded tail). The shards' num_tokens is
+3 x N; ``manifest.json`` adds ``streams`` (the names, in order) and ``stream_tokens`` (N). Each image's span and
+corrupted codes are drawn from a generator seeded by its sample key (all its crops share the span), so a rerun or
+another batch size stores the same codes. Without correction it stores the clean codes only (``streams`` =
+[clean], the usual layout).
 """
 
 from __future__ import annotations
@@ -162,6 +172,19 @@ def _done(out: Path, prefix: str) -> bool:
         return False
 
 
+def _streams(model) -> list[str]:
+    """The token streams stored per crop: DetailFlow's three with self-correction, else the codes alone."""
+    from tokscale.tokenizers.detailflow import STREAMS
+
+    d = model.config.detailflow
+    return list(STREAMS) if d.enabled and d.correction else ["clean"]
+
+
+def _key_seed(key: str) -> int:
+    """A generator seed from a sample key (stable across runs, ranks and batchings)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
 def extract_shard(
     model, url: str, out: Path, prefix: str, cfg: ExtractConfig, ident: str, device, bar=None
 ) -> int:
@@ -171,13 +194,15 @@ def extract_shard(
     from tokscale.data.samples import decode_image, iter_raw_samples, sample_label
     from tokscale.data.tokens import TokenShardWriter
     from tokscale.data.transforms import to_tensor
+    from tokscale.tokenizers.detailflow import encode_streams
 
     res, n_aug = model.image_size, AUGS[cfg.aug]
+    streams = _streams(model)
     writer = TokenShardWriter(
         out,
         ident,
         model.codebook_size,
-        model.num_tokens,
+        model.num_tokens * len(streams),
         num_augs=n_aug,
         samples_per_shard=1 << 30,
         prefix=prefix,
@@ -188,7 +213,14 @@ def extract_shard(
         if not pending:
             return
         batch = torch.cat([c for _, _, c in pending]).to(device)
-        codes = torch.cat([model.encode(part) for part in batch.split(cfg.batch_size)]).cpu()
+        if len(streams) > 1:  # DetailFlow: (crops, 3, N) -> (crops, 3 N), stream-major; one seed per image
+            seeds = torch.tensor([_key_seed(key) for key, _, _ in pending]).repeat_interleave(n_aug)
+            parts = zip(batch.split(cfg.batch_size), seeds.split(cfg.batch_size))
+            codes = torch.cat(
+                [encode_streams(model, part, sd.tolist()).flatten(1) for part, sd in parts]
+            ).cpu()
+        else:
+            codes = torch.cat([model.encode(part) for part in batch.split(cfg.batch_size)]).cpu()
         codes = codes.reshape(len(pending), n_aug, -1)  # image i's crops, in augmentation order
         for (key, label, _), image_codes in zip(pending, codes):
             writer.write(key, image_codes, label)
@@ -268,6 +300,8 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
             resolution=model.image_size,
             source=cfg.data,
         )
+        if model.config.detailflow.enabled:  # the token axis holds these streams one after the other
+            merged.update(streams=_streams(model), stream_tokens=model.num_tokens)
         (out / "manifest.json").write_text(json.dumps(merged, indent=1))
         _publish(cfg)
         result.update(num_samples=merged["num_samples"], tokenizer_id=ident, out=cfg.out)

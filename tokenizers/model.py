@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokscale.tokenizers.cnn import CNNConfig, CNNDecoder, CNNEncoder
+from tokscale.tokenizers.detailflow import DetailFlowConfig, check_model_config
 from tokscale.tokenizers.quantizer import QuantizerConfig, VectorQuantizer
 from tokscale.tokenizers.transformer import (
     Attention,
@@ -57,6 +58,8 @@ class TokenizerConfig:
     causal_prefix: int = 8
     group_size: int = 8
     semantic_dim: int = 768  # output width of the semantic-regularization projector (the teacher's width)
+    # DetailFlow's coarse-to-fine prefixes (tokscale.tokenizers.detailflow); off by default
+    detailflow: DetailFlowConfig = field(default_factory=DetailFlowConfig)
     grad_checkpointing: bool = False
 
     def __post_init__(self):
@@ -88,6 +91,7 @@ class TokenizerConfig:
                     f"model.num_tokens={n} needs a token grid of at least {finest}x{finest}; "
                     f"image_size={self.image_size} gives {self.grid_size}x{self.grid_size}"
                 )
+        check_model_config(self)
 
     @property
     def grid_size(self) -> int:
@@ -149,11 +153,15 @@ class TokenEncoder(nn.Module):
         _build_stack(self, cfg, t, global_proj=True)
         self.proj_out = nn.Linear(t.width, cfg.cnn.z_channels)  # GigaTok's 1x1 conv_out
 
-    def forward(self, feat_BCHW: torch.Tensor, mask=None) -> torch.Tensor:
+    def forward(self, feat_BCHW: torch.Tensor, mask=None, queries=None) -> torch.Tensor:
+        """``queries`` (B, N, width), 1D only: start from these instead of the pooled image features
+        (DetailFlow's re-encoding after a corrected prefix)."""
         x = self.embed(self.ln_pre(feat_BCHW.flatten(2).transpose(1, 2)))
         if self.kind == "1d":
             grid = x.transpose(1, 2).reshape(x.shape[0], -1, *feat_BCHW.shape[-2:])
-            q = self.global_proj(multilevel_pool(grid, self.token_pos.shape[0]))
+            q = queries
+            if q is None:
+                q = self.global_proj(multilevel_pool(grid, self.token_pos.shape[0]))
             for layer in self.layers:
                 q = run_layer(layer, self.grad_checkpointing, q, x, self.token_pos, self.pos, mask)
             return self.ln_post(q)
@@ -178,25 +186,32 @@ class TokenDecoder(nn.Module):
         _build_stack(self, cfg, t, global_proj=False)
         self.conv_out = nn.Conv2d(t.width, cfg.cnn.z_channels, 3, padding=1)
 
-    def forward(self, tokens_BNC: torch.Tensor, capture_layer: int = 0):
+    def forward(self, tokens_BNC: torch.Tensor, capture_layer: int = 0, grid: int | None = None):
+        """``grid`` (1D only): decode on a grid x grid map, the grid positions resized bilinearly (DetailFlow's
+        prefix decoding at a lower resolution); None = the configured grid."""
         x = self.embed(self.ln_pre(tokens_BNC))
         B, n, _ = x.shape
         captured = None
+        g, pos = self.grid, self.pos
         if self.kind == "1d":
+            if grid is not None and grid != g:
+                from tokscale.tokenizers.detailflow import resize_positions
+
+                g, pos = grid, resize_positions(self.pos, grid)
             memory, memory_pos = x, self.token_pos[:n]
-            x = x[:, :1].expand(B, self.grid**2, -1)
+            x = x[:, :1].expand(B, g**2, -1)
         elif self.layer_type == "plain":
             x = x + self.pos
         for i, layer in enumerate(self.layers, start=1):
             if self.kind == "1d":
-                x = run_layer(layer, self.grad_checkpointing, x, memory, self.pos, memory_pos)
+                x = run_layer(layer, self.grad_checkpointing, x, memory, pos, memory_pos)
             elif self.layer_type == "plain":
                 x = run_layer(layer, self.grad_checkpointing, x)
             else:
                 x = run_layer(layer, self.grad_checkpointing, x, x, self.pos, self.pos)
             if i == capture_layer:
                 captured = x
-        x = self.ln_post(x).transpose(1, 2).reshape(B, -1, self.grid, self.grid)
+        x = self.ln_post(x).transpose(1, 2).reshape(B, -1, g, g)
         return self.conv_out(x), captured
 
 
@@ -217,6 +232,11 @@ class VQTokenizer(nn.Module):
             from tokscale.tokenizers.semantic import SemanticProjector
 
             self.semantic_projector = SemanticProjector(cfg.decoder.width, cfg.semantic_dim)
+        self.detailflow = None
+        if cfg.detailflow.enabled:
+            from tokscale.tokenizers.detailflow import DetailFlowHeads
+
+            self.detailflow = DetailFlowHeads(cfg)
         self._init_weights()
 
     def _init_weights(self):
@@ -273,19 +293,24 @@ class VQTokenizer(nn.Module):
         return self.quantizer(self.encode_latents(images))["indices"]
 
     # -- decoder --
-    def decode_map(self, z_q: torch.Tensor, capture_layer: int = 0):
+    def decode_map(self, z_q: torch.Tensor, capture_layer: int = 0, grid: int | None = None):
         """Quantized latents (B, N, code_dim) -> (the transformer decoder's z_channels map (B, zc, G, G),
-        captured decoder features or None). A 1D tokenizer accepts any prefix N <= num_tokens."""
+        captured decoder features or None). A 1D tokenizer accepts any prefix N <= num_tokens; a detailflow
+        tokenizer decodes it on its scheduled grid unless ``grid`` is given."""
         n = z_q.shape[1]
         if self.config.kind == "1d" and n > self.config.num_tokens:
             raise ValueError(f"got {n} tokens, the tokenizer has {self.config.num_tokens}")
         if self.config.kind == "2d" and n != self.num_tokens:
             raise ValueError(f"got {n} tokens, the 2D tokenizer decodes exactly {self.num_tokens}")
-        return self.decoder(self.from_code(z_q.to(self.from_code.weight.dtype)), capture_layer)
+        if grid is None and self.detailflow is not None:
+            from tokscale.tokenizers.detailflow import prefix_grid
 
-    def decode_latents(self, z_q: torch.Tensor, capture_layer: int = 0):
+            grid = prefix_grid(self.config, n)
+        return self.decoder(self.from_code(z_q.to(self.from_code.weight.dtype)), capture_layer, grid)
+
+    def decode_latents(self, z_q: torch.Tensor, capture_layer: int = 0, grid: int | None = None):
         """Quantized latents (B, N, code_dim) -> (images, captured decoder features or None)."""
-        spatial, feats = self.decode_map(z_q, capture_layer)
+        spatial, feats = self.decode_map(z_q, capture_layer, grid)
         return self.cnn_decoder(spatial), feats
 
     @torch.no_grad()
@@ -295,12 +320,17 @@ class VQTokenizer(nn.Module):
         return self.decode_latents(z_q)[0].float()
 
     def forward(
-        self, images: torch.Tensor, capture_layer: int = 0, aux: bool = False
+        self, images: torch.Tensor, capture_layer: int = 0, aux: bool = False, plan=None
     ) -> dict[str, torch.Tensor]:
         """Training forward: reconstruction, quantizer losses and indices, and (when capture_layer > 0 and the
         projector exists) projected decoder features for semantic regularization. ``aux`` adds GigaTok's
         early-training shortcut: ``shortcut_recon`` = the CNN decoder on the CNN encoder's features, and the
-        pair ``spatial`` (the transformer decoder's map) / ``cnn_features`` (detached) for the feature MSE."""
+        pair ``spatial`` (the transformer decoder's map) / ``cnn_features`` (detached) for the feature MSE.
+        ``plan`` (a detailflow.StepPlan): DetailFlow's training forward instead (prefix, size, self-correction)."""
+        if plan is not None:
+            from tokscale.tokenizers.detailflow import forward_train
+
+            return forward_train(self, images, plan)
         feat = self.cnn_features(images)
         latents = self.to_code(self.encoder.proj_out(self._encoder_tokens(feat)))
         q = self.quantizer(latents)

@@ -93,6 +93,9 @@ class TrainConfig:
             raise ValueError(
                 f"loss.semantic.decoder_layer={self.loss.semantic.decoder_layer} must be in 1..{self.model.decoder.depth}"
             )
+        from tokscale.tokenizers.detailflow import check_train_config
+
+        check_train_config(self)
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:
@@ -137,6 +140,9 @@ class TokenizerTask(Task):
         self.teacher = build_teacher(cfg.loss.semantic, cfg.model.grid_size)
         self.lpips = self.lpips.to(device) if self.lpips is not None else None
         self.teacher = self.teacher.to(device) if self.teacher is not None else None
+        from tokscale.tokenizers.detailflow import build_global_teacher
+
+        self.global_teacher = build_global_teacher(cfg, device)  # DetailFlow's global-token loss (or None)
         self.disc = build_discriminator(cfg.loss.gan)
         self.disc_opt = self.disc_scaler = None
         # the discriminator follows the generator's schedule
@@ -171,11 +177,12 @@ class TokenizerTask(Task):
 
         images = batch[0].to(self.dist.device, non_blocking=True)
         n = step + 1  # the step being taken, as logged
-        losses, recon = generator_step(engine, self, images, n, self.cfg)
+        # target: the images, or (DetailFlow) the step's degraded target that the reconstruction is compared with
+        losses, recon, target = generator_step(engine, self, images, n, self.cfg)
         if self.disc is not None and gan_weight_at(self.cfg.loss.gan, n) > 0:
             lr = self.cfg.loss.gan.lr * self.lr_at(step)  # the multiplier the generator's LambdaLR uses now
-            losses.update(discriminator_step(self, images, recon, lr, self.cfg))
-        self.last = (images, recon)
+            losses.update(discriminator_step(self, target, recon, lr, self.cfg))
+        self.last = (target, recon)
         return losses
 
     def log_values(self, engine) -> dict[str, float]:
@@ -223,7 +230,15 @@ class TokenizerTask(Task):
 
 def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainConfig):
     """Forward, backward and optimizer step of the tokenizer at ``step`` (as logged, from 1); returns detached
-    losses and the reconstruction."""
+    losses, the reconstruction and its target (the images; a DetailFlow step's degraded, possibly doubled,
+    target)."""
+    from tokscale.tokenizers.detailflow import (
+        detailflow_losses,
+        draw_plan,
+        gan_view,
+        plan_metrics,
+        plan_target,
+    )
     from tokscale.tokenizers.discriminator import gan_weight_at, hinge_g_loss
     from tokscale.tokenizers.semantic import semantic_loss
     from tokscale.trainer import autocast_fp16
@@ -232,15 +247,20 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     capture = lc.semantic.decoder_layer if task.teacher is not None else 0
     aux = lc.aux.active(step)
     x = images.to(torch.bfloat16) if engine.bfloat16_enabled() else images
-    out = engine(x, capture_layer=capture, aux=aux)
+    # DetailFlow: this step's prefix, size and corrupted span (tokscale.tokenizers.detailflow)
+    plan = draw_plan(cfg.model) if cfg.model.detailflow.enabled else None
+    out = engine(x, capture_layer=capture, aux=aux) if plan is None else engine(x, plan=plan)
     recon = out["recon"].float()
-    losses = {"loss_rec": lc.rec_weight * F.mse_loss(recon, images)}
+    rec_target = images if plan is None else plan_target(images, plan)
+    losses = {"loss_rec": lc.rec_weight * F.mse_loss(recon, rec_target)}
     losses["loss_commit"] = out["loss_commit"]
     losses["loss_codebook"] = out["loss_codebook"]
     if "loss_entropy" in out:
         losses["loss_entropy"] = out["loss_entropy"]
     if task.lpips is not None:
-        losses["loss_lpips"] = lc.perceptual.weight * task.lpips(recon, images).mean()
+        losses["loss_lpips"] = lc.perceptual.weight * task.lpips(recon, rec_target).mean()
+    if plan is not None:
+        losses.update(detailflow_losses(task, out, images, cfg))
     if task.teacher is not None:
         with torch.no_grad():
             target = task.teacher(images)
@@ -257,7 +277,7 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     if gan_w > 0:
         disc.requires_grad_(False)
         with autocast_fp16(cfg.train.precision):
-            losses["loss_gan_g"] = gan_w * hinge_g_loss(disc(disc_input(recon, lc.gan)))
+            losses["loss_gan_g"] = gan_w * hinge_g_loss(disc(disc_input(gan_view(recon, cfg), lc.gan)))
         disc.requires_grad_(True)
     total = sum(losses.values())
     engine.backward(total)
@@ -275,7 +295,9 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     result["loss_total"] = total.detach()
     if norm is not None:
         result["grad_norm"] = torch.as_tensor(float(norm))
-    return result, recon.detach()
+    if plan is not None:
+        result.update(plan_metrics(plan))
+    return result, recon.detach(), rec_target
 
 
 def disc_input(images: torch.Tensor, gan) -> torch.Tensor:
@@ -297,6 +319,7 @@ def discriminator_step(task: TokenizerTask, images, recon, lr: float, cfg: Train
     GigaTok's); gradients averaged over ranks by hand (it lives outside the engine)."""
     import torch.distributed as dist
 
+    from tokscale.tokenizers.detailflow import gan_view
     from tokscale.tokenizers.discriminator import hinge_d_loss
     from tokscale.trainer import autocast_fp16
 
@@ -304,8 +327,8 @@ def discriminator_step(task: TokenizerTask, images, recon, lr: float, cfg: Train
     for group in opt.param_groups:
         group["lr"] = lr
     with autocast_fp16(cfg.train.precision):
-        real = disc(disc_input(images, gan))
-        fake = disc(disc_input(recon.detach(), gan))
+        real = disc(disc_input(gan_view(images, cfg), gan))
+        fake = disc(disc_input(gan_view(recon.detach(), cfg), gan))
         loss = gan.weight * hinge_d_loss(real, fake)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
