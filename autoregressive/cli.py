@@ -16,14 +16,18 @@ import json
 
 
 def list_model_presets() -> list[str]:
+    from tokscale.autoregressive.detailflow import list_presets as detailflow_presets
     from tokscale.autoregressive.presets import list_presets
 
-    return list_presets()
+    return list_presets() + detailflow_presets()
 
 
 def describe_model(preset: str, overrides: list[str]) -> dict:
     """``tokscale model info`` of a GPT preset: parameter counts and sizes, built on the meta device."""
     import torch
+
+    if preset.startswith("detailflow-"):
+        return describe_detailflow(preset, overrides)
 
     from tokscale.autoregressive.gpt import GPT, param_counts
     from tokscale.autoregressive.presets import preset_config
@@ -45,6 +49,25 @@ def describe_model(preset: str, overrides: list[str]) -> dict:
         "num_classes": cfg.num_classes,
         "position": cfg.position,
         "qk_norm": cfg.qk_norm,
+    }
+
+
+def describe_detailflow(preset: str, overrides: list[str]) -> dict:
+    import torch
+
+    from tokscale.autoregressive.detailflow import DetailFlowGPT, detailflow_config, num_forward_passes
+    from tokscale.autoregressive.gpt import param_counts
+
+    cfg = detailflow_config(preset, overrides)
+    with torch.device("meta"):
+        model = DetailFlowGPT(cfg)
+    return {
+        "preset": preset,
+        "kind": "detailflow",
+        **param_counts(model),
+        **{k: getattr(cfg, k) for k in ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size")},
+        **{k: getattr(cfg, k) for k in ("num_tokens", "num_classes", "group_size", "rope_offset")},
+        "sampling_forward_passes": num_forward_passes(cfg.num_tokens, cfg.group_size),
     }
 
 
@@ -124,11 +147,18 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | bf16 | fp32")
     b.add_argument("--compile", action="store_true", help="torch.compile the cached decode step")
+    detail = b.add_argument_group("detailflow-* presets (tokscale.autoregressive.detailflow_bench)")
+    detail.add_argument(
+        "--token-counts", default="128,256,512", help="comma-separated token counts, timed one after the other"
+    )
     b.set_defaults(func=bench_sample)
 
 
 def bench_sample(args: argparse.Namespace) -> int:
-    from tokscale.autoregressive.bench import bench_sample as run
+    if args.preset.startswith("detailflow-"):
+        from tokscale.autoregressive.detailflow_bench import bench_detailflow_sample as run
+    else:
+        from tokscale.autoregressive.bench import bench_sample as run
 
     print(json.dumps(run(args)))
     return 0

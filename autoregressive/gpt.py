@@ -71,6 +71,20 @@ class GPTConfig:
             raise ValueError(f"model.position must be one of {POSITIONS}, got {self.position!r}")
         if self.width % self.heads:
             raise ValueError(f"model.width={self.width} must be a multiple of model.heads={self.heads}")
+        self._check_positions()
+        for key in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout"):
+            p = getattr(self, key)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{key} must be in [0, 1), got {p}")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(
+                f"model.ffn_dim_multiplier must be positive or null, got {self.ffn_dim_multiplier}"
+            )
+        if self.rope_base <= 1:
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+
+    def _check_positions(self) -> None:
+        """rope2d needs rotation pairs split between rows and columns, and a square grid."""
         if self.position == "rope2d":
             if self.head_dim % 4:
                 raise ValueError(
@@ -82,16 +96,6 @@ class GPTConfig:
                     f"model.num_tokens={self.num_tokens} is not a square grid, which model.position=rope2d "
                     "needs; use position=learned for a 1D tokenizer of any length"
                 )
-        for key in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout"):
-            p = getattr(self, key)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"model.{key} must be in [0, 1), got {p}")
-        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
-            raise ValueError(
-                f"model.ffn_dim_multiplier must be positive or null, got {self.ffn_dim_multiplier}"
-            )
-        if self.rope_base <= 1:
-            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
 
     @property
     def head_dim(self) -> int:
@@ -131,15 +135,20 @@ def rope_2d(positions: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
     """(cos, sin) per rotation pair for sequence positions (L,) -> (L, head_dim / 2, 2), float32.
 
     Position p >= 1 is grid cell p - 1 in raster order; position 0 (the class) gets (0, 0)."""
-    quarter = cfg.head_dim // 4
-    exponent = torch.arange(quarter, device=positions.device, dtype=torch.float32) * 2 / (cfg.head_dim // 2)
-    freqs = 1.0 / (cfg.rope_base**exponent)  # (head_dim / 4,)
     cell = (positions - 1).clamp(min=0)
-    row = torch.div(cell, cfg.grid_size, rounding_mode="floor").float()
-    col = (cell % cfg.grid_size).float()
-    angles = torch.cat([row[:, None] * freqs, col[:, None] * freqs], dim=-1)  # (L, head_dim / 2)
+    row = torch.div(cell, cfg.grid_size, rounding_mode="floor")
+    return rope_table(row, cell % cfg.grid_size, positions > 0, cfg)
+
+
+def rope_table(row: torch.Tensor, col: torch.Tensor, on: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """(cos, sin) (L, head_dim / 2, 2), float32, of grid cells (row, col): the first half of each head's rotation
+    pairs turns with the row, the second half with the column; (0, 0) where ``on`` is False."""
+    quarter = cfg.head_dim // 4
+    exponent = torch.arange(quarter, device=row.device, dtype=torch.float32) * 2 / (cfg.head_dim // 2)
+    freqs = 1.0 / (cfg.rope_base**exponent)  # (head_dim / 4,)
+    angles = torch.cat([row.float()[:, None] * freqs, col.float()[:, None] * freqs], dim=-1)
     table = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    return table * (positions > 0).float()[:, None, None]
+    return table * on.float()[:, None, None]
 
 
 def apply_rope(x_BLHD: torch.Tensor, table_LP2: torch.Tensor) -> torch.Tensor:
@@ -189,8 +198,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, hd)
         if cache_kv is None:
+            # causal unless the model passes its own mask (DetailFlow's group-causal one)
             dropout = self.attn_dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
+            )
         else:
             k_cache, v_cache = cache_kv
             k_cache[:, :, start : start + length] = k
@@ -257,6 +269,14 @@ class GPT(nn.Module):
         weight = self.token_embed.weight
         return KVCache(self.config, batch, device or weight.device, dtype or weight.dtype)
 
+    def class_tokens(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """(B, 1, width): the class embeddings, each label replaced by the null class with probability
+        ``class_dropout`` in training."""
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.config.class_dropout
+            labels_B = torch.where(drop, torch.full_like(labels_B, self.config.null_class), labels_B)
+        return self.class_embed(labels_B)[:, None]
+
     def _embed(self, labels_B, tokens_BL, start: int) -> torch.Tensor:
         """Input embeddings of positions start .. start + L - 1: the class (when ``labels_B`` is given, at
         position 0) followed by ``tokens_BL``."""
@@ -264,10 +284,7 @@ class GPT(nn.Module):
         if labels_B is not None:
             if start != 0:
                 raise ValueError(f"the class token sits at position 0, not {start}")
-            if self.training and self.config.class_dropout > 0:
-                drop = torch.rand(labels_B.shape, device=labels_B.device) < self.config.class_dropout
-                labels_B = torch.where(drop, torch.full_like(labels_B, self.config.null_class), labels_B)
-            parts.append(self.class_embed(labels_B)[:, None])
+            parts.append(self.class_tokens(labels_B))
         if tokens_BL is not None and tokens_BL.shape[1]:
             parts.append(self.token_embed(tokens_BL))
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -284,9 +301,14 @@ class GPT(nn.Module):
             return None
         return rope_2d(torch.arange(start, start + length, device=device), self.config)
 
+    def _attn_mask(self, start: int, length: int, cache: KVCache | None, device):
+        """Boolean (1, 1, length, keys) mask of positions start .. start + length - 1; None = causal over the
+        sequence itself (no cache)."""
+        return cache.mask(start, length, device) if cache is not None else None
+
     def _trunk(self, h, start: int = 0, cache: KVCache | None = None, stop_after: int | None = None):
         rope = self._rope(start, h.shape[1], h.device)
-        mask = cache.mask(start, h.shape[1], h.device) if cache is not None else None
+        mask = self._attn_mask(start, h.shape[1], cache, h.device)
         remat = self.config.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None

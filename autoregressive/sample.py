@@ -120,6 +120,18 @@ def _mix(logits_NV: torch.Tensor, scale: float | None, guided: bool) -> torch.Te
     return cond if scale is None else uncond + (cond - uncond) * scale
 
 
+def check_labels(labels_B: torch.Tensor, mcfg) -> torch.Tensor:
+    """Class labels as int64 (B,), checked against the model's classes (num_classes = the null class)."""
+    if labels_B.ndim != 1 or labels_B.numel() == 0:
+        raise ValueError(
+            f"labels must be a non-empty 1-D tensor of class indices, got shape {tuple(labels_B.shape)}"
+        )
+    labels_B = labels_B.long()
+    if int(labels_B.min()) < 0 or int(labels_B.max()) > mcfg.num_classes:
+        raise ValueError(f"labels must be in 0..{mcfg.num_classes} ({mcfg.num_classes} = null class)")
+    return labels_B
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -130,16 +142,11 @@ def generate(
 ) -> torch.Tensor:
     """Sample (B, T) int64 token grids for class labels (B,) (0 .. num_classes - 1, or the null class itself)."""
     cfg = cfg or SampleConfig()
+    if hasattr(model, "generate_tokens"):  # a model with its own sampler (DetailFlow's group-parallel one)
+        return model.generate_tokens(labels_B, cfg, generator, use_cache)
     mcfg = model.config
-    if labels_B.ndim != 1 or labels_B.numel() == 0:
-        raise ValueError(
-            f"labels must be a non-empty 1-D tensor of class indices, got shape {tuple(labels_B.shape)}"
-        )
-    labels_B = labels_B.long()
-    if int(labels_B.min()) < 0 or int(labels_B.max()) > mcfg.num_classes:
-        raise ValueError(f"labels must be in 0..{mcfg.num_classes} ({mcfg.num_classes} = null class)")
     device = model.token_embed.weight.device
-    labels_B = labels_B.to(device)
+    labels_B = check_labels(labels_B, mcfg).to(device)
     b, num_tokens = labels_B.shape[0], mcfg.num_tokens
     cond = labels_B
     if cfg.guided:

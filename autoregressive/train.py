@@ -164,9 +164,17 @@ class C2ITask(Task):
             seed=d.seed,
             tokenizer_id=d.tokenizer_id or None,
         )
-        check_tokens_fit(stream.meta, self.cfg.model, d.train_tokens)
+        self.check_tokens(stream.meta, d.train_tokens)
         self.tokenizer_id = stream.meta["tokenizer_id"]
         return stream
+
+    def check_tokens(self, meta: dict, source: str) -> None:
+        """Refuse token shards this model cannot read."""
+        check_tokens_fit(meta, self.cfg.model, source)
+
+    def split_tokens(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, target) of a batch of stored token rows, in validation: the codes themselves."""
+        return tokens_BT, tokens_BT
 
     def train_step(self, engine, batch, step: int) -> dict[str, torch.Tensor]:
         tokens, labels = (t.to(self.dist.device, non_blocking=True) for t in batch)
@@ -203,9 +211,9 @@ class C2ITask(Task):
                 idx, weight = torch.zeros(1, dtype=torch.long), 0.0
             else:
                 weight = 1.0
-            t, y = tokens[idx].to(d.device), labels[idx].to(d.device)
+            (t_in, t), y = self.split_tokens(tokens[idx].to(d.device)), labels[idx].to(d.device)
             with torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(t, y)
+                logits = model(t_in, y)
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), t.reshape(-1), reduction="sum")
             total += torch.stack([ce.double(), torch.tensor(float(t.numel()), device=d.device)]) * weight
         if d.world_size > 1:

@@ -1,5 +1,5 @@
 """The AR half through Slurm on the local two-node cluster: ``tokscale submit c2i`` trains a tiny GPT on two
-nodes under ZeRO-2 over gloo, and ``tokscale sample --submit`` samples across two nodes, each image once, the
+nodes under ZeRO-2 over gloo (``submit detailflow`` a DetailFlow GPT on its three token streams), and ``tokscale sample --submit`` samples across two nodes, each image once, the
 same images as one local process; ``tokscale eval gen --submit`` scores across two nodes with the numbers of one
 local process."""
 
@@ -62,6 +62,34 @@ def test_a_two_node_c2i_job_trains_a_tiny_gpt_under_zero2(slurm_cluster, tmp_pat
     assert [r["step"] for r in rows if "train/loss_ce" in r] == [1, 2, 3, 4]
     assert any("val/loss_ce" in r for r in rows)
     assert slurm_cluster.final_state(run["job_id"]) == "COMPLETED"
+
+
+def test_a_two_node_detailflow_job_trains_on_the_three_token_streams(slurm_cluster, tmp_path, capsys):
+    n = 16  # two groups of 8; the shards hold clean, input and label streams: 3 x 16 tokens a crop
+    streams = []
+    for name, images, seed in (("train", 32, 1), ("val", 8, 2)):
+        rng = np.random.default_rng(seed)
+        with TokenShardWriter(tmp_path / f"df-{name}", "toy-df", VOCAB, 3 * n, samples_per_shard=20) as w:
+            for i in range(images):
+                w.write(f"img{i:05d}", rng.integers(0, VOCAB, size=3 * n), i % CLASSES)
+        streams.append(str(tmp_path / f"df-{name}"))
+    run_dir = tmp_path / "detailflow"
+    args = [
+        "submit", "detailflow", "detailflow/tiny", f"run_dir={run_dir}", f"data.train_tokens={streams[0]}",
+        f"data.val_tokens={streams[1]}", f"model.vocab_size={VOCAB}", f"model.num_classes={CLASSES}",
+        f"model.num_tokens={n}", "model.width=32", "model.heads=2", "model.depth=1", "data.batch_size=4",
+        "train.max_steps=3", "train.ckpt_every=3", "train.log_every=1", "eval.every_steps=3", "train.progress=false",
+        "--nodes", "2", *RESOURCES,
+    ]  # fmt: skip
+    assert cli_main(args) == 0, capsys.readouterr().err
+    (run,) = json.loads(capsys.readouterr().out)
+    results = slurm_cluster.wait_for(job_of(run), timeout_s=300)
+    assert results == [{"status": "done", "step": 3, "run_dir": str(run_dir)}] * 2
+    assert json.loads((run_dir / "run_info.jsonl").read_text().splitlines()[-1])["world_size"] == 2
+    assert (run_dir / "config.yaml").read_text().startswith("schema: detailflow")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss_ce" in r] == [1, 2, 3]
+    assert any("val/loss_ce" in r for r in rows)
 
 
 def tiny_pair(tmp_path: Path) -> tuple[Path, Path]:
