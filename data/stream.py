@@ -98,6 +98,7 @@ class TrainStream:
         self.num_streams = max(1, cfg.num_workers)
         self.batches_consumed = 0
         self.num_skipped = 0  # bad samples and bad shards skipped under bad_sample_policy=skip
+        self.resumed = False  # set by load_state_dict: the global RNG state restored beside it already drew
 
     @property
     def epoch(self) -> int:
@@ -139,6 +140,7 @@ class TrainStream:
             )
         self.batches_consumed = int(state["batches_consumed"])
         self.num_skipped = int(state.get("num_skipped", 0))
+        self.resumed = True
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.cfg
@@ -156,7 +158,15 @@ class TrainStream:
             start_batch=self.batches_consumed,
             policy=cfg.bad_sample_policy,
         )
-        for images, labels, num_skipped in _loader(dataset, cfg.num_workers):
+        # A DataLoader iterator draws its base seed from torch's global CPU generator when it starts. A run starts
+        # this endless one once, at its first batch, so the RNG state its checkpoints save already includes that
+        # draw; a resumed run restores that state, and its iterator must not draw again, or every later draw of
+        # the global generator (DetailFlow's prefix plans, DiffAug) would differ from the uninterrupted run's.
+        rng = torch.get_rng_state() if self.resumed else None
+        batches = iter(_loader(dataset, cfg.num_workers))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        for images, labels, num_skipped in batches:
             # Count before handing the batch out: a state_dict taken after next() includes this batch.
             self.batches_consumed += 1
             self.num_skipped += num_skipped
