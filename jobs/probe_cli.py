@@ -19,7 +19,6 @@ report (``OUT/results.csv``, ``OUT/results.md``, ``OUT/tradeoff.png``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -27,6 +26,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from tokscale.plot import PALETTE, draw_axes, font, nice_ticks  # noqa: F401 (nice_ticks: re-exported)
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -202,41 +203,7 @@ def write_report(rows: list[dict], out: Path, title: str) -> dict[str, str]:
     return {"csv": str(out / "results.csv"), "md": str(out / "results.md"), "png": str(out / "tradeoff.png")}
 
 
-# -- the plot (PIL: matplotlib is not a dependency) -----------------------------------------------------------------
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")  # fmt: skip
-
-
-def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k apart) covering [lo, hi]; a single value gets a span around it."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12:
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / max(target, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [round(i * step, 12) for i in range(first, last + 1)]
-
-
-def _tick_label(value: float, step: float) -> str:
-    """``value`` with as many decimals as the tick step needs (0.25 steps: 2, 2.5 steps: 1, 5 steps: 0)."""
-    decimals = next((d for d in range(7) if abs(round(step, d) - step) <= 1e-9 * max(1.0, step)), 6)
-    return f"{value:.{decimals}f}"
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        with contextlib.suppress(OSError):
-            return ImageFont.truetype(name, size)
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
+# -- the plot (PIL: matplotlib is not a dependency; axes, ticks, font and palette are tokscale.plot's) --------------
 
 
 def _short_params(n: int | None) -> str:
@@ -258,7 +225,7 @@ def draw_tradeoff(
     width, height = 1400, 640
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    f_title, f_axis, f_tick = _font(22), _font(16), _font(13)
+    f_title, f_axis, f_tick = font(22), font(16), font(13)
     draw.text((width // 2, 18), title, fill="black", font=f_title, anchor="ma")
     caption = "each disc a tokenizer (name, parameters), its area proportional to the parameter count"
     draw.text((width // 2, height - 14), caption, fill="#555555", font=f_tick, anchor="md")
@@ -293,8 +260,6 @@ def _cost(rect, taken: list, num_discs: int) -> int:
 
 def _panel(img, draw, box, points, ylabel, colours, biggest, fonts) -> None:
     """One scatter panel in ``box`` (left, top, right, bottom): grid, ticks, axis labels, labelled discs."""
-    from PIL import Image, ImageDraw
-
     f_axis, f_tick = fonts
     left, top, right, bottom = box
     xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
@@ -305,29 +270,7 @@ def _panel(img, draw, box, points, ylabel, colours, biggest, fonts) -> None:
         return nice_ticks(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
 
     xt, yt = span(xs), span(ys)
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    for t in xt:  # grid, ticks and their labels
-        x, _ = px(t, y0)
-        draw.line([(x, top), (x, bottom)], fill="#e6e6e6")
-        draw.line([(x, bottom), (x, bottom + 6)], fill="black", width=2)
-        draw.text((x, bottom + 10), _tick_label(t, xt[1] - xt[0]), fill="black", font=f_tick, anchor="ma")
-    for t in yt:
-        _, y = px(x0, t)
-        draw.line([(left, y), (right, y)], fill="#e6e6e6")
-        draw.line([(left - 6, y), (left, y)], fill="black", width=2)
-        draw.text((left - 10, y), _tick_label(t, yt[1] - yt[0]), fill="black", font=f_tick, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="black", width=2)
-    draw.text(
-        ((left + right) / 2, bottom + 34), "rFID (lower is better)", fill="black", font=f_axis, anchor="ma"
-    )
-    label = Image.new("RGB", (int(draw.textlength(ylabel, font=f_axis)) + 8, 24), "white")
-    ImageDraw.Draw(label).text((4, 2), ylabel, fill="black", font=f_axis)
-    rotated = label.rotate(90, expand=True)
-    img.paste(rotated, (left - 80, int((top + bottom) / 2 - rotated.height / 2)))
+    px = draw_axes(img, draw, box, xt, yt, "rFID (lower is better)", ylabel, fonts)
     if not points:
         draw.text(((left + right) / 2, (top + bottom) / 2), "no finished results yet", fill="#888888",
                   font=f_axis, anchor="mm")  # fmt: skip

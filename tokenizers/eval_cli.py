@@ -1,10 +1,11 @@
-"""``tokscale eval recon|stats|probe``: the tokenizer's evaluation jobs, here, on ``--nproc`` ranks or on Slurm.
+"""``tokscale eval recon|stats|probe|prefixes``: the tokenizer's evaluation jobs, here, on ``--nproc`` ranks or on Slurm.
 
     tokscale eval recon runs/tok --data /data/in1k/val --inception-weights pt_inception.pth --vgg-weights vgg16.pth
     tokscale eval recon exports/2d-tiny --data embedded --inception-weights pt_inception.pth --no-lpips --nproc 2
     tokscale eval recon runs/tok --data /data/in1k/val ... --submit --gpus-per-node 8 -p gpu -t 60
     tokscale eval stats --data /data/in1k/val --inception-weights pt_inception.pth --resolution 256 val256.npz
     tokscale eval probe runs/tok --train-data /data/in1k/train --eval-data /data/in1k/val --epochs 90
+    tokscale eval prefixes runs/detailflow-tiny --data embedded --lengths 1,2,4,8,16,32 --out eval/prefixes
 
 Every command builds one :class:`tokscale.tokenizers.eval_runner.EvalJobConfig` from its flags (plus dotlist
 overrides such as ``eval.is_splits=10`` or ``data.num_workers=4``) and runs it in this process, in ``--nproc``
@@ -92,6 +93,27 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     probe.add_argument("--save-features", action="store_true", help="also write OUT/features.pt for reuse")
     _common(probe, tokenizer=True)
     probe.set_defaults(func=eval_probe)
+
+    prefixes = esub.add_parser(
+        "prefixes",
+        help="PSNR, SSIM (and rFID) of a 1D tokenizer's first t tokens for each t: DetailFlow's coarse-to-fine curve",
+        description=(
+            "tokscale eval prefixes RUN_OR_EXPORT --data SHARDS [--lengths 8,16,32,64,128] [--inception-weights "
+            "PTH]. Writes metrics.json (a row per prefix length), prefixes.csv, curve.png and grid.png into --out "
+            "(tokscale.tokenizers.prefix_eval)."
+        ),
+    )
+    prefixes.add_argument("--data", required=True, help="evaluation shards (path, pattern, or 'embedded')")
+    prefixes.add_argument(
+        "--lengths",
+        default=None,
+        help="comma-separated prefix lengths (default: the admissible powers of two and the token count)",
+    )
+    prefixes.add_argument(
+        "--reference", default=None, help="ADM-format npz for rFID (default: the same crops)"
+    )
+    _common(prefixes, tokenizer=True)
+    prefixes.set_defaults(func=eval_prefixes)
 
 
 def _job_config(args: argparse.Namespace, task: str, extra: list[str]):
@@ -181,3 +203,32 @@ def eval_probe(args: argparse.Namespace) -> int:
     if args.save_features:
         extra.append("save_features=true")
     return _dispatch(args, _job_config(args, "probe", extra))
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``--lengths 8,16,32`` -> [8, 16, 32]; anything else is a ValueError naming the flag."""
+    try:
+        lengths = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--lengths {text!r}: expected comma-separated positive integers, e.g. 8,16,32")
+    return lengths
+
+
+def eval_prefixes(args: argparse.Namespace) -> int:
+    extra = [f"data.eval_shards={args.data}", "eval.compute_lpips=false"]
+    if not args.inception_weights:  # rFID only when the Inception weights are given
+        extra.append("eval.compute_fid=false")
+    if args.reference:
+        if not args.inception_weights:
+            raise ValueError("--reference compares Inception statistics: give --inception-weights PTH too")
+        extra.append(f"eval.reference_stats={args.reference}")
+    lengths = parse_lengths(args.lengths) if args.lengths else []
+    if lengths:
+        extra.append(f"prefix_lengths=[{','.join(map(str, lengths))}]")
+    from tokscale.tokenizers.load import model_config_from
+    from tokscale.tokenizers.prefix_eval import prefix_lengths
+
+    prefix_lengths(model_config_from(args.tokenizer), lengths)  # a bad length fails before anything starts
+    return _dispatch(args, _job_config(args, "prefixes", extra))

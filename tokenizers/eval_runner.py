@@ -1,4 +1,4 @@
-"""Evaluation jobs (recon, stats, probe) that run the same way in one process, N local processes or on Slurm.
+"""Evaluation jobs (recon, stats, probe, prefixes) that run the same way in one process, N local processes or on Slurm.
 
     python -m tokscale.tokenizers.eval_runner EVAL.yaml [OVERRIDES...]   # what every rank runs
     tokscale eval recon runs/tok --data /data/in1k/val --nproc 4          # writes EVAL.yaml, launches it
@@ -30,7 +30,7 @@ from tokscale.jsonio import strict_dumps
 
 log = logging.getLogger(__name__)
 
-TASKS = ("recon", "stats", "probe")
+TASKS = ("recon", "stats", "probe", "prefixes")
 PROBE_METHODS = ("lars", "logistic", "both")
 CONFIG_NAME = "eval_config.yaml"
 
@@ -46,6 +46,8 @@ class EvalJobConfig:
     num_classes: int = 0  # 0: the largest label seen + 1
     save_features: bool = False  # task=probe: also write run_dir/features.pt (all ranks' features, for reuse)
     verify_weights: bool = True  # check an exported tokenizer against its SHA256SUMS before loading it
+    # task=prefixes: the prefix lengths to decode ([]: the admissible powers of two and N; tokenizers.prefix_eval)
+    prefix_lengths: list[int] = field(default_factory=list)
     out: str = (
         ""  # recon/probe: the finished folder (run_dir is then only the work folder); "": run_dir itself
     )
@@ -59,7 +61,7 @@ class EvalJobConfig:
             raise ValueError(f"task={self.task!r}: expected one of {TASKS}")
         if self.probe_method not in PROBE_METHODS:
             raise ValueError(f"probe_method={self.probe_method!r}: expected one of {PROBE_METHODS}")
-        if self.task in ("recon", "probe") and not self.tokenizer:
+        if self.task in ("recon", "probe", "prefixes") and not self.tokenizer:
             raise ValueError(f"task={self.task} needs tokenizer=RUN_DIR_OR_EXPORT")
         if not self.data.eval_shards:
             raise ValueError("data.eval_shards is empty: expected the evaluation shards (or 'embedded')")
@@ -287,7 +289,10 @@ def main(cfg: EvalJobConfig, should_stop=None) -> dict:
 
     info = init_distributed()
     check_out(cfg)
-    run = {"recon": run_recon, "stats": run_stats, "probe": run_probe}[cfg.task]
+    if cfg.task == "prefixes":
+        from tokscale.tokenizers.prefix_eval import run_prefixes as run
+    else:
+        run = {"recon": run_recon, "stats": run_stats, "probe": run_probe}[cfg.task]
     result = run(cfg, info.rank, info.world_size, info.device)
     barrier()
     if info.rank == 0 and cfg.out and cfg.task != "stats":
