@@ -19,18 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tokscale.autoregressive.detailflow import DetailFlowGPTConfig, get_preset
-from tokscale.autoregressive.train import C2ITask, TokenDataConfig, ValConfig
-from tokscale.trainer import LoopConfig, OptimConfig
+from tokscale.autoregressive.train import C2IConfig, C2ITask
+from tokscale.trainer import OptimConfig
 
 
 @dataclass
-class DetailFlowTrainConfig:
+class DetailFlowTrainConfig(C2IConfig):
     run_dir: str = "runs/detailflow"
     model: DetailFlowGPTConfig = field(default_factory=DetailFlowGPTConfig)
-    data: TokenDataConfig = field(default_factory=TokenDataConfig)
     # DetailFlow's recipe: AdamW (0.9, 0.95), weight decay 0.05, lr 1e-4, warmup over 5% of the steps from
     # 0.005 lr, then cosine to 0.01 lr, clip 1.0 (the recipes in conf/detailflow set warmup_steps to 5%)
     optim: OptimConfig = field(
@@ -44,18 +42,11 @@ class DetailFlowTrainConfig:
             grad_clip=1.0,
         )
     )
-    train: LoopConfig = field(default_factory=LoopConfig)
-    eval: ValConfig = field(default_factory=ValConfig)
-    ema_decay: float = 0.0  # DetailFlow samples with an EMA of 0.9999 (the recipes set it)
+    # DetailFlow samples with an EMA of 0.9999 (ema_decay, which the recipes set)
     correction_prob: float = 0.3  # per sample: train on the (corrupted input, corrected label) pair
 
     def __post_init__(self):
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.ema_decay > 0 and self.train.zero_stage == 3:
-            raise ValueError(
-                "ema_decay > 0 with train.zero_stage=3: each rank holds only a shard of the weights; use stage 0-2"
-            )
+        super().__post_init__()
         if not 0.0 <= self.correction_prob <= 1.0:
             raise ValueError(f"correction_prob must be in [0, 1], got {self.correction_prob}")
 
@@ -110,16 +101,8 @@ class DetailFlowTask(C2ITask):
         clean = split_streams(tokens_BT, self.cfg.model.num_tokens)[0]
         return clean, clean
 
-    def train_step(self, engine, batch, step: int) -> dict[str, torch.Tensor]:
-        tokens, labels = (t.to(self.dist.device, non_blocking=True) for t in batch)
-        inp, target = correction_pairs(tokens, self.cfg.model.num_tokens, self.cfg.correction_prob)
-        logits = engine(inp, labels)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        engine.backward(loss)
-        engine.step()
-        if self.ema is not None and engine.is_gradient_accumulation_boundary():
-            self.ema.update(engine.module)
-        return {"loss_ce": loss.detach()}
+    def train_pair(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return correction_pairs(tokens_BT, self.cfg.model.num_tokens, self.cfg.correction_prob)
 
     @classmethod
     def model_card(cls, cfg: dict, training: dict, metrics: dict, params: int) -> str:

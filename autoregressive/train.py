@@ -176,10 +176,15 @@ class C2ITask(Task):
         """(model input, target) of a batch of stored token rows, in validation: the codes themselves."""
         return tokens_BT, tokens_BT
 
+    def train_pair(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, target) of a training batch of stored token rows: the codes themselves."""
+        return tokens_BT, tokens_BT
+
     def train_step(self, engine, batch, step: int) -> dict[str, torch.Tensor]:
         tokens, labels = (t.to(self.dist.device, non_blocking=True) for t in batch)
-        logits = engine(tokens, labels)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        inputs, target = self.train_pair(tokens)
+        logits = engine(inputs, labels)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         engine.backward(loss)
         engine.step()
         if self.ema is not None and engine.is_gradient_accumulation_boundary():
