@@ -20,6 +20,7 @@ and one line registers it (pyproject.toml, ``[project.entry-points."tokscale.tra
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -94,6 +95,12 @@ class LoopConfig:
     keep_last: int = 3
     progress: bool = True
     force_resume: bool = False  # resume even when the saved config changes the model
+    # GPU speed options, off by default (today's step exactly); neither changes what the step computes. A task
+    # applies them to its networks with apply_speed_options (the tokenizer trainer does).
+    # compile: torch.compile of the trained networks' forward, in place (nn.Module.compile: parameter names and
+    # checkpoints unchanged); channels_last: 4-D weights and image inputs in NHWC layout for the convolutions
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -179,6 +186,35 @@ def use_bf16(precision: str) -> bool:
     if precision == "fp32":
         return False
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def profiled(name: str):
+    """A torch.profiler range called ``name`` while a profiler runs, else nothing: a range costs ~10 us even
+    with no profiler, so the step's part labels (``tokscale bench tokenizer``'s shares) are free in training."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+def adamw(params, device: torch.device, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, with the fused kernel (one launch for all parameters) on a CUDA device; elsewhere torch's
+    default implementation, as before."""
+    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kwargs)
+
+
+def apply_speed_options(
+    module: torch.nn.Module, train: LoopConfig, in_engine: bool = False
+) -> torch.nn.Module:
+    """``train.compile`` and ``train.channels_last`` on a network, in place (returned for chaining).
+
+    A module going into the DeepSpeed engine (``in_engine``) keeps contiguous weights: DeepSpeed views each parameter
+    as bytes to broadcast it and flattens them under ZeRO. Its convolutions still run NHWC when the step hands it
+    channels-last inputs (a convolution follows its input's layout)."""
+    if train.channels_last and not in_engine:
+        module.to(memory_format=torch.channels_last)
+    if train.compile:
+        module.compile()
+    return module
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

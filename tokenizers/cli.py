@@ -91,17 +91,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b = bench_sub.add_parser(
         "tokenizer",
-        help="forward+backward images/s, peak memory and parameters of a preset (JSON)",
-        description="tokscale bench tokenizer 2d-tiny --batch 8 --resolution 256",
+        help="the training step of a preset's recipe: images/s, FLOPs, MFU, peak memory, per-part shares (JSON)",
+        description="tokscale bench tokenizer 2d-S-S --batch 32 [--config tokenizer/gigatok-2d-S-S] "
+        "[--at-step N] [--compile] [--channels-last] [--with-data 4 8] [key=value ...]",
     )
     b.add_argument("preset")
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--resolution", type=int, default=None, help="default: the preset's image size")
+    b.add_argument(
+        "overrides", nargs="*", help="recipe overrides, key=value (loss.gan.kind=dino, train.zero_stage=0)"
+    )
+    b.add_argument(
+        "--config",
+        default=None,
+        help="the recipe (default: tokenizer/gigatok-PRESET when conf/ has it, else tokenizer/gigatok)",
+    )
+    b.add_argument(
+        "--at-step",
+        type=int,
+        default=None,
+        help="the step (from 1) whose loss terms run: GAN from loss.gan.start_step, auxiliary terms below "
+        "loss.aux.until_step (default: the GAN on, the auxiliary terms off)",
+    )
+    b.add_argument("--batch", type=int, default=8, help="images per step (data.batch_size)")
+    b.add_argument("--resolution", type=int, default=None, help="default: the recipe's image size")
     b.add_argument("--steps", type=int, default=5, help="timed iterations after warmup")
     b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    b.add_argument("--precision", default="auto", help="auto | bf16 | fp32")
-    b.add_argument("--grad-checkpointing", action="store_true")
+    b.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the per-part shares")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda (the step runs where training would)")
+    b.add_argument("--precision", default="recipe", help="recipe | auto | bf16 | fp16 | fp32 (train.precision)")
+    b.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
+    b.add_argument("--compile", action="store_true", help="train.compile=true")
+    b.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
+    b.add_argument(
+        "--with-data",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="WORKERS",
+        help="also time the input pipeline (tokscale bench data) at these worker counts",
+    )
+    b.add_argument("--data-images", type=int, default=256, help="images of the --with-data measurement")
     b.set_defaults(func=bench_tokenizer)
 
     e = bench_sub.add_parser(
@@ -128,6 +156,31 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     z.add_argument("--image-size", type=int, default=32, help="input size of the one measured step")
     z.set_defaults(func=bench_zero)
 
+    q = bench_sub.add_parser(
+        "quantizer",
+        help="ms of the nearest-code search, the quantizer and the quantizer with its entropy loss, fwd+bwd (JSON)",
+        description="tokscale bench quantizer [--n 512 65536] [--codebook 16384] [--dim 8] [--device auto] "
+        "[--repeats R] [--compare-reference]",
+    )
+    q.add_argument("--n", type=int, nargs="+", default=[512, 65536], help="rows (image tokens) per batch")
+    q.add_argument("--codebook", type=int, default=16384, help="codes K")
+    q.add_argument("--dim", type=int, default=8, help="code dimension d")
+    q.add_argument("--chunk", type=int, default=16384, help="quantizer.search_chunk (rows per distance slice)")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--repeats", type=int, default=5, help="timed calls of every variant (round-robin)")
+    q.add_argument("--warmup", type=int, default=1)
+    q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    q.add_argument(
+        "--compare-reference", action="store_true", help="also time the replaced implementation (*_reference)"
+    )
+    q.add_argument(
+        "--reference-max-n",
+        type=int,
+        default=None,
+        help="time the reference only up to this N (it holds N x K floats several times over)",
+    )
+    q.set_defaults(func=bench_quantizer)
+
 
 def convert_gigatok(args: argparse.Namespace) -> int:
     from tokscale.tokenizers.convert import convert_gigatok as run
@@ -153,9 +206,24 @@ def bench_extract(args: argparse.Namespace) -> int:
 
 
 def bench_tokenizer(args: argparse.Namespace) -> int:
+    import contextlib
+    import sys
+
+    from tokscale.jsonio import strict_dumps
     from tokscale.tokenizers.bench import bench
 
-    print(json.dumps(bench(args)))
+    # stdout carries the one JSON object: what libraries print on the way (DeepSpeed's op builds) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        result = bench(args)
+    print(strict_dumps(result))
+    return 0
+
+
+def bench_quantizer(args: argparse.Namespace) -> int:
+    from tokscale.jsonio import strict_dumps
+    from tokscale.tokenizers.quantizer_bench import bench_quantizer as run
+
+    print(strict_dumps(run(args)))
     return 0
 
 

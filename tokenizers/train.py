@@ -30,7 +30,7 @@ from tokscale.tokenizers.model import TokenizerConfig
 from tokscale.tokenizers.perceptual import PerceptualConfig
 from tokscale.tokenizers.presets import get_preset
 from tokscale.tokenizers.semantic import SemanticConfig
-from tokscale.trainer import LoopConfig, OptimConfig, Task
+from tokscale.trainer import LoopConfig, OptimConfig, Task, adamw, apply_speed_options, profiled
 
 
 @dataclass
@@ -125,7 +125,7 @@ class TokenizerTask(Task):
 
             load_weights(model, cfg.init_from)
         self.quantizer = model.quantizer
-        return model
+        return apply_speed_options(model, cfg.train, in_engine=True)
 
     def build_side(self) -> dict:
         """The frozen LPIPS and teacher (not saved), the discriminator, its optimizer and its loss scaler (saved),
@@ -139,6 +139,8 @@ class TokenizerTask(Task):
         self.lpips = build_lpips(cfg.loss.perceptual)
         self.teacher = build_teacher(cfg.loss.semantic, cfg.model.grid_size)
         self.lpips = self.lpips.to(device) if self.lpips is not None else None
+        if self.lpips is not None and cfg.train.channels_last:
+            self.lpips.to(memory_format=torch.channels_last)  # VGG convolutions on the NHWC reconstruction
         self.teacher = self.teacher.to(device) if self.teacher is not None else None
         from tokscale.tokenizers.detailflow import build_global_teacher
 
@@ -148,10 +150,11 @@ class TokenizerTask(Task):
         # the discriminator follows the generator's schedule
         self.lr_at = lr_lambda(cfg.optim, cfg.train.max_steps)
         if self.disc is not None:
-            self.disc = self.disc.to(device)
+            self.disc = apply_speed_options(self.disc.to(device), cfg.train)
             gan = cfg.loss.gan
-            self.disc_opt = torch.optim.AdamW(
+            self.disc_opt = adamw(
                 trainable_parameters(self.disc),
+                device,
                 lr=gan.lr,
                 betas=tuple(gan.betas),
                 weight_decay=gan.weight_decay,
@@ -247,6 +250,8 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     capture = lc.semantic.decoder_layer if task.teacher is not None else 0
     aux = lc.aux.active(step)
     x = images.to(torch.bfloat16) if engine.bfloat16_enabled() else images
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     # DetailFlow: this step's prefix, size and corrupted span (tokscale.tokenizers.detailflow)
     plan = draw_plan(cfg.model) if cfg.model.detailflow.enabled else None
     out = engine(x, capture_layer=capture, aux=aux) if plan is None else engine(x, plan=plan)
@@ -258,43 +263,47 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
     if "loss_entropy" in out:
         losses["loss_entropy"] = out["loss_entropy"]
     if task.lpips is not None:
-        losses["loss_lpips"] = lc.perceptual.weight * task.lpips(recon, rec_target).mean()
+        with profiled("lpips"):
+            losses["loss_lpips"] = lc.perceptual.weight * task.lpips(recon, rec_target).mean()
     if plan is not None:
         losses.update(detailflow_losses(task, out, images, cfg))
     if task.teacher is not None:
-        with torch.no_grad():
+        with torch.no_grad(), profiled("teacher"):
             target = task.teacher(images)
         losses["loss_semantic"] = lc.semantic.weight * semantic_loss(out["semantic"].float(), target)
     if aux:
         shortcut = out["shortcut_recon"].float()
         losses["loss_aux_rec"] = lc.rec_weight * F.mse_loss(shortcut, images)
         if task.lpips is not None:
-            losses["loss_aux_lpips"] = lc.perceptual.weight * task.lpips(shortcut, images).mean()
+            with profiled("lpips"):
+                losses["loss_aux_lpips"] = lc.perceptual.weight * task.lpips(shortcut, images).mean()
         losses["loss_aux_feature"] = lc.aux.feature_weight * F.mse_loss(
             out["spatial"].float(), out["cnn_features"].float()
         )
     gan_w = gan_weight_at(lc.gan, step) if disc is not None else 0.0
     if gan_w > 0:
         disc.requires_grad_(False)
-        with autocast_fp16(cfg.train.precision):
+        with autocast_fp16(cfg.train.precision), profiled("discriminator"):
             losses["loss_gan_g"] = gan_w * hinge_g_loss(disc(disc_input(gan_view(recon, cfg), lc.gan)))
         disc.requires_grad_(True)
     total = sum(losses.values())
     engine.backward(total)
     # ZeRO and bf16 optimizers report the global norm after the step; the plain fp32 engine does not, and its
     # (already all-reduced) gradients are on the parameters until the step (scaled by the loss scale under fp16).
-    plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
-    norm = _grad_norm(engine.module) if plain and engine.is_gradient_accumulation_boundary() else None
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if norm is not None and scaler is not None:
-        norm = norm / scaler.get_scale()
-    engine.step()
-    if norm is None:
-        norm = engine.get_global_grad_norm()
+    with profiled("optimizer"):
+        plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+        norm = _grad_norm(engine.module) if plain and engine.is_gradient_accumulation_boundary() else None
+        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+        if norm is not None and scaler is not None:
+            norm = norm / scaler.get_scale()
+        engine.step()
+        if norm is None:
+            norm = engine.get_global_grad_norm()
     result = {k: v.detach() for k, v in losses.items()}
     result["loss_total"] = total.detach()
     if norm is not None:
-        result["grad_norm"] = torch.as_tensor(float(norm))
+        # a tensor stays where it is (float() would wait for the device every step; the loop reads at log time)
+        result["grad_norm"] = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
     if plan is not None:
         result.update(plan_metrics(plan))
     return result, recon.detach(), rec_target
@@ -326,7 +335,7 @@ def discriminator_step(task: TokenizerTask, images, recon, lr: float, cfg: Train
     gan, disc, opt, scaler = cfg.loss.gan, task.disc, task.disc_opt, task.disc_scaler
     for group in opt.param_groups:
         group["lr"] = lr
-    with autocast_fp16(cfg.train.precision):
+    with autocast_fp16(cfg.train.precision), profiled("discriminator"):
         real = disc(disc_input(gan_view(images, cfg), gan))
         fake = disc(disc_input(gan_view(recon.detach(), cfg), gan))
         loss = gan.weight * hinge_d_loss(real, fake)
@@ -339,9 +348,10 @@ def discriminator_step(task: TokenizerTask, images, recon, lr: float, cfg: Train
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
-    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-    scaler.step(opt)
-    scaler.update()
+    with profiled("optimizer"):
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        scaler.step(opt)
+        scaler.update()
     return {"loss_gan_d": loss.detach()}
 
 
