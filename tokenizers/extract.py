@@ -36,6 +36,11 @@ re-encoded after it; the AR label, clean up to the span's end, then the re-encod
 corrupted codes are drawn from a generator seeded by its sample key (all its crops share the span), so a rerun or
 another batch size stores the same codes. Without correction it stores the clean codes only (``streams`` =
 [clean], the usual layout).
+
+A multi-scale tokenizer (``model.quantizer.kind: multiscale``) stores its codes as one flat sequence per crop, the
+scales' index maps coarse to fine, each row-major (L = sum of the scales' squares, 680 for VAR's scales);
+``manifest.json`` adds ``scales`` and ``scale_boundaries`` ([0, 1, 5, ..., L]: scale k is
+``tokens[..., b[k]:b[k + 1]]``).
 """
 
 from __future__ import annotations
@@ -302,6 +307,8 @@ def main(cfg: ExtractConfig, should_stop=None) -> dict:
         )
         if model.config.detailflow.enabled:  # the token axis holds these streams one after the other
             merged.update(streams=_streams(model), stream_tokens=model.num_tokens)
+        if model.config.quantizer.kind == "multiscale":  # one flat sequence, the scales coarse to fine
+            merged.update(scales=list(model.quantizer.scales), scale_boundaries=model.quantizer.scale_boundaries)
         (out / "manifest.json").write_text(json.dumps(merged, indent=1))
         _publish(cfg)
         result.update(num_samples=merged["num_samples"], tokenizer_id=ident, out=cfg.out)

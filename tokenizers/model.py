@@ -15,6 +15,11 @@ encoder, 3x3 over the token grid in the decoder).
   the queries (optionally under a causal / block-causal mask) and cross-attends to the CNN features, positions
   DETR-style at every layer. The decoder's grid queries all start as copies of the first 1D token and
   cross-attend to the 1D tokens, so it decodes from any prefix of them.
+
+``quantizer.kind="multiscale"`` (2D only, tokscale.tokenizers.multiscale): VAR's residual quantizer over scales
+1..G of the latent grid. The codes are the scales' index maps in one flat sequence (sum of p_k^2 codes, 680 for
+VAR's scales at 256 px); ``decode`` takes any prefix of whole scales and runs the decoder on that prefix's
+f_hat over the full G x G grid; ``encode_scales`` / ``decode_scales`` work with the per-scale list.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tokscale.tokenizers.transformer import (
     run_layer,
     token_mask,
 )
+from tokscale.trainer import profiled
 
 KINDS = ("2d", "1d")
 MASKS = ("none", "causal", "block_causal")
@@ -92,6 +98,15 @@ class TokenizerConfig:
                     f"image_size={self.image_size} gives {self.grid_size}x{self.grid_size}"
                 )
         check_model_config(self)
+        q = self.quantizer
+        if q.kind == "multiscale":
+            if self.kind != "2d":
+                raise ValueError("model.quantizer.kind='multiscale' needs a 2D tokenizer (model.kind: 2d)")
+            if q.scales[-1] != self.grid_size:
+                raise ValueError(
+                    f"model.quantizer.scales must end at the token grid side {self.grid_size} (image_size "
+                    f"{self.image_size} / {self.cnn.downsample}), got {list(q.scales)}"
+                )
 
     @property
     def grid_size(self) -> int:
@@ -104,6 +119,9 @@ class TokenizerConfig:
 
     @property
     def tokens(self) -> int:
+        """Codes per image: the grid, the 1D tokens, or the multi-scale sequence (sum of the scales' squares)."""
+        if self.quantizer.kind == "multiscale":
+            return sum(p * p for p in self.quantizer.scales)
         return self.grid_size**2 if self.kind == "2d" else self.num_tokens
 
 
@@ -223,7 +241,12 @@ class VQTokenizer(nn.Module):
         self.cnn_encoder = CNNEncoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
         self.encoder = TokenEncoder(cfg)
         self.to_code = nn.Linear(zc, dim)  # GigaTok's quant_conv
-        self.quantizer = VectorQuantizer(cfg.quantizer)
+        if cfg.quantizer.kind == "multiscale":
+            from tokscale.tokenizers.multiscale import MultiScaleQuantizer
+
+            self.quantizer = MultiScaleQuantizer(cfg.quantizer)
+        else:
+            self.quantizer = VectorQuantizer(cfg.quantizer)
         self.from_code = nn.Linear(dim, zc)  # GigaTok's post_quant_conv
         self.decoder = TokenDecoder(cfg)
         self.cnn_decoder = CNNDecoder(cfg.cnn, grad_checkpointing=cfg.grad_checkpointing)
@@ -289,8 +312,23 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, num_tokens) int64."""
+        """Images (B, 3, H, W) in [-1, 1] -> codes (B, num_tokens) int64 (multi-scale: the scales' index maps
+        concatenated coarse to fine, each row-major)."""
         return self.quantizer(self.encode_latents(images))["indices"]
+
+    @property
+    def multiscale(self) -> bool:
+        return self.config.quantizer.kind == "multiscale"
+
+    def _check_multiscale(self) -> None:
+        if not self.multiscale:
+            raise ValueError("encode_scales/decode_scales need a multi-scale tokenizer (model.quantizer.kind)")
+
+    @torch.no_grad()
+    def encode_scales(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale only: images -> the codes of every scale, [(B, p_k^2)] coarse to fine."""
+        self._check_multiscale()
+        return self.quantizer.split(self.encode(images))
 
     # -- decoder --
     def decode_map(self, z_q: torch.Tensor, capture_layer: int = 0, grid: int | None = None):
@@ -300,8 +338,8 @@ class VQTokenizer(nn.Module):
         n = z_q.shape[1]
         if self.config.kind == "1d" and n > self.config.num_tokens:
             raise ValueError(f"got {n} tokens, the tokenizer has {self.config.num_tokens}")
-        if self.config.kind == "2d" and n != self.num_tokens:
-            raise ValueError(f"got {n} tokens, the 2D tokenizer decodes exactly {self.num_tokens}")
+        if self.config.kind == "2d" and n != self.config.grid_size**2:
+            raise ValueError(f"got {n} tokens, the 2D tokenizer decodes exactly {self.config.grid_size**2}")
         if grid is None and self.detailflow is not None:
             from tokscale.tokenizers.detailflow import prefix_grid
 
@@ -315,8 +353,19 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1]. A 1D tokenizer decodes any prefix."""
+        """Codes (B, N) -> images (B, 3, H, W), roughly in [-1, 1]. A 1D tokenizer decodes any prefix; a
+        multi-scale one any prefix of whole scales (N a scale boundary), its f_hat decoded on the full grid."""
+        if self.multiscale:
+            return self.decode_scales(self.quantizer.split(codes))
         z_q = self.quantizer.lookup(codes).to(self.from_code.weight.dtype)
+        return self.decode_latents(z_q)[0].float()
+
+    @torch.no_grad()
+    def decode_scales(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Multi-scale only: the codes of the first k scales [(B, p_1^2), ..., (B, p_k^2)] -> images."""
+        self._check_multiscale()
+        f_hat = self.quantizer.indices_to_fhat(list(codes))  # (B, D, G, G)
+        z_q = f_hat.flatten(2).transpose(1, 2).to(self.from_code.weight.dtype)
         return self.decode_latents(z_q)[0].float()
 
     def forward(
@@ -331,17 +380,21 @@ class VQTokenizer(nn.Module):
             from tokscale.tokenizers.detailflow import forward_train
 
             return forward_train(self, images, plan)
-        feat = self.cnn_features(images)
-        latents = self.to_code(self.encoder.proj_out(self._encoder_tokens(feat)))
-        q = self.quantizer(latents)
-        spatial, feats = self.decode_map(q["z_q"], capture_layer)
-        out = dict(q, recon=self.cnn_decoder(spatial))
-        if feats is not None and self.semantic_projector is not None:
-            out["semantic"] = self.semantic_projector(feats)
-        if aux:
-            out["shortcut_recon"] = self.cnn_decoder(feat)
-            out["spatial"] = spatial
-            out["cnn_features"] = feat.detach()
+        # profiler ranges of `tokscale bench tokenizer`'s per-part shares (nothing unless a profiler runs)
+        with profiled("encoder"):
+            feat = self.cnn_features(images)
+            latents = self.to_code(self.encoder.proj_out(self._encoder_tokens(feat)))
+        with profiled("quantizer"):
+            q = self.quantizer(latents)
+        with profiled("decoder"):
+            spatial, feats = self.decode_map(q["z_q"], capture_layer)
+            out = dict(q, recon=self.cnn_decoder(spatial))
+            if feats is not None and self.semantic_projector is not None:
+                out["semantic"] = self.semantic_projector(feats)
+            if aux:
+                out["shortcut_recon"] = self.cnn_decoder(feat)
+                out["spatial"] = spatial
+                out["cnn_features"] = feat.detach()
         return out
 
 

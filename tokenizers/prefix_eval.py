@@ -53,13 +53,28 @@ CSV_COLUMNS = ("t", "resolution", "decoder_size", "psnr", "ssim", "target_psnr",
 # which prefixes
 
 
+def _scale_ends(model_cfg) -> list[int] | None:
+    """The code counts that end each scale of a multi-scale tokenizer (1, 5, 14, ..., L), else None."""
+    if model_cfg.kind != "2d" or model_cfg.quantizer.kind != "multiscale":
+        return None
+    ends, total = [], 0
+    for p in model_cfg.quantizer.scales:
+        total += p * p
+        ends.append(total)
+    return ends
+
+
 def allowed_lengths(model_cfg) -> list[int]:
-    """The prefix lengths a tokenizer (its TokenizerConfig) decodes: DetailFlow's admissible ones, or 1 .. N for
-    another 1D tokenizer. A 2D tokenizer decodes only its whole grid: a ValueError."""
+    """The prefix lengths a tokenizer (its TokenizerConfig) decodes: DetailFlow's admissible ones, 1 .. N for
+    another 1D tokenizer, the scale boundaries of a multi-scale one (every prefix decodes at full size). Any other
+    2D tokenizer decodes only its whole grid: a ValueError."""
+    ends = _scale_ends(model_cfg)
+    if ends is not None:
+        return ends
     if model_cfg.kind != "1d":
         raise ValueError(
-            f"prefix evaluation needs a 1D tokenizer (model.kind: 1d); this one is {model_cfg.kind!r}, whose "
-            "decoder takes exactly its full grid of tokens"
+            f"prefix evaluation needs a 1D or multi-scale tokenizer; this one is {model_cfg.kind!r} with "
+            f"quantizer.kind {model_cfg.quantizer.kind!r}, whose decoder takes exactly its full grid of tokens"
         )
     n = model_cfg.num_tokens
     if model_cfg.detailflow.enabled:
@@ -71,13 +86,17 @@ def prefix_lengths(model_cfg, requested: Sequence[int] | None = None) -> list[in
     """The lengths to evaluate, ascending: ``requested`` (each checked against :func:`allowed_lengths`; a
     ValueError names the value and what is allowed) or, when empty, the allowed powers of two and N."""
     allowed = allowed_lengths(model_cfg)
+    if not requested and _scale_ends(model_cfg) is not None:
+        return allowed  # every scale
     if not requested:
         n = allowed[-1]
         return sorted({t for t in allowed if t & (t - 1) == 0} | {n})
     bad = [t for t in requested if t not in allowed]
     if bad:
         n, g = model_cfg.num_tokens, model_cfg.group_size
-        if model_cfg.detailflow.enabled:
+        if _scale_ends(model_cfg) is not None:
+            what, expected = "a multi-scale tokenizer", f"a scale boundary, one of {allowed}"
+        elif model_cfg.detailflow.enabled:
             what, expected = "a DetailFlow tokenizer", f"1..{g}, then multiples of {g} up to {n}"
         else:
             what, expected = "this 1D tokenizer", f"1..{n}"
@@ -322,7 +341,7 @@ def run_prefixes(cfg, rank: int, world: int, device) -> dict:
             "tokenizer": str(cfg.tokenizer),
             "weights_sha256": weights_sha256(cfg.tokenizer),
             "step": _checkpoint_step(cfg.tokenizer),
-            "num_tokens": mcfg.num_tokens,
+            "num_tokens": mcfg.tokens,
             "image_size": mcfg.image_size,
             "schedule": (
                 {"power": d.power, "group_size": mcfg.group_size, "patch": mcfg.cnn.downsample}
@@ -335,7 +354,7 @@ def run_prefixes(cfg, rank: int, world: int, device) -> dict:
         }
         (out / "metrics.json").write_text(strict_dumps(report, indent=2) + "\n")
         write_csv(result.rows, out / "prefixes.csv")
-        title = f"{name}: reconstruction from the first t of {mcfg.num_tokens} tokens ({mcfg.image_size} px)"
+        title = f"{name}: reconstruction from the first t of {mcfg.tokens} tokens ({mcfg.image_size} px)"
         curve_image(result.rows, title).save(out / "curve.png")
         if result.grid is not None:
             labels = [f"t={r['t']}\nR={r['resolution']}, {r['decoder_size']} px" for r in result.rows]

@@ -147,7 +147,7 @@ def test_a_tokenizer_without_the_schedule_decodes_every_prefix_at_full_size(embe
     assert result.rows[1]["ssim"] == pytest.approx(recon.metrics["ssim_dr1"], rel=1e-9)
 
 
-def test_lengths_must_be_admissible_and_the_tokenizer_1d():
+def test_lengths_must_be_admissible_and_the_tokenizer_1d_or_multiscale():
     df = preset_config("1d-tiny", DF)
     assert prefix_lengths(df, [16, 8, 1]) == [1, 8, 16]
     for bad in (12, 33, 0):
@@ -155,8 +155,13 @@ def test_lengths_must_be_admissible_and_the_tokenizer_1d():
             prefix_lengths(df, [8, bad])
     with pytest.raises(ValueError, match=r"prefix length 40 .* expected 1\.\.32"):
         prefix_lengths(preset_config("1d-tiny", PLAIN), [40])
-    with pytest.raises(ValueError, match="needs a 1D tokenizer"):
+    with pytest.raises(ValueError, match="needs a 1D or multi-scale tokenizer"):
         prefix_lengths(preset_config("2d-tiny", []))
+    # a multi-scale tokenizer: every scale boundary by default, nothing between them
+    ms = preset_config("2d-tiny", ["image_size=64", "quantizer.kind=multiscale", "quantizer.scales=[1,2,4]"])
+    assert prefix_lengths(ms) == [1, 5, 21]
+    with pytest.raises(ValueError, match=r"prefix length 4 .* a scale boundary, one of \[1, 5, 21\]"):
+        prefix_lengths(ms, [4])
 
 
 def test_the_command_refuses_an_inadmissible_length_before_anything_runs(df_export, tmp_path, capsys):
