@@ -17,15 +17,17 @@ import json
 
 def list_model_presets() -> list[str]:
     from tokscale.autoregressive.detailflow import list_presets as detailflow_presets
-    from tokscale.autoregressive.presets import list_presets
+    from tokscale.autoregressive.presets import VAR_PRESETS, list_presets
 
-    return list_presets() + detailflow_presets()
+    return list_presets() + detailflow_presets() + list(VAR_PRESETS)
 
 
 def describe_model(preset: str, overrides: list[str]) -> dict:
-    """``tokscale model info`` of a GPT preset: parameter counts and sizes, built on the meta device."""
+    """``tokscale model info`` of a GPT or VAR preset: parameter counts and sizes, built on the meta device."""
     import torch
 
+    if preset.startswith("var-"):
+        return describe_var(preset, overrides)
     if preset.startswith("detailflow-"):
         return describe_detailflow(preset, overrides)
 
@@ -68,6 +70,33 @@ def describe_detailflow(preset: str, overrides: list[str]) -> dict:
         **{k: getattr(cfg, k) for k in ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size")},
         **{k: getattr(cfg, k) for k in ("num_tokens", "num_classes", "group_size", "rope_offset")},
         "sampling_forward_passes": num_forward_passes(cfg.num_tokens, cfg.group_size),
+    }
+
+
+def describe_var(preset: str, overrides: list[str]) -> dict:
+    import torch
+
+    from tokscale.autoregressive.presets import var_preset_config
+    from tokscale.autoregressive.var import VAR, var_param_counts
+
+    cfg = var_preset_config(preset, overrides)
+    with torch.device("meta"):
+        model = VAR(cfg)
+    return {
+        "preset": preset,
+        "kind": "var",
+        **var_param_counts(model),
+        "width": cfg.width,
+        "depth": cfg.depth,
+        "heads": cfg.heads,
+        "head_dim": cfg.head_dim,
+        "ffn_hidden": cfg.ffn_hidden,
+        "vocab_size": cfg.vocab_size,
+        "code_dim": cfg.code_dim,
+        "scales": list(cfg.scales),
+        "num_tokens": cfg.num_tokens,
+        "num_classes": cfg.num_classes,
+        "drop_path": cfg.drop_path,
     }
 
 
@@ -144,9 +173,21 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cfg-scale", type=float, default=2.0)
     b.add_argument("--top-k", type=int, default=0)
     b.add_argument("--repeats", type=int, default=1, help="timed generations per mode")
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda (var-*: also meta, a dry run of shapes)")
     b.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | bf16 | fp32")
     b.add_argument("--compile", action="store_true", help="torch.compile the cached decode step")
+    var = b.add_argument_group("var-* presets (tokscale.autoregressive.var_bench)")
+    var.add_argument(
+        "--settings",
+        default="",
+        help="comma-separated: no_cache, cache, budget_F, code_K (default: no_cache,cache,budget_0.1,budget_0.3,"
+        "budget_1.0,code_6)",
+    )
+    var.add_argument("--small", default="", help="CoDe's small model (default: the next smaller var preset)")
+    var.add_argument("--kv-keep-scales", type=int, default=4, help="scales the KV budget never evicts")
+    var.add_argument(
+        "--no-warmup", dest="warmup", action="store_false", help="time without a warm-up generation first"
+    )
     detail = b.add_argument_group("detailflow-* presets (tokscale.autoregressive.detailflow_bench)")
     detail.add_argument(
         "--token-counts", default="128,256,512", help="comma-separated token counts, timed one after the other"
@@ -157,6 +198,8 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
 def bench_sample(args: argparse.Namespace) -> int:
     if args.preset.startswith("detailflow-"):
         from tokscale.autoregressive.detailflow_bench import bench_detailflow_sample as run
+    elif args.preset.startswith("var-"):
+        from tokscale.autoregressive.var_bench import bench_var_sample as run
     else:
         from tokscale.autoregressive.bench import bench_sample as run
 

@@ -75,3 +75,50 @@ def preset_config(name: str, overrides=()):
     return load_config(
         GPTConfig, None, [f"preset={name}", *overrides], presets=get_preset, preset_key="preset"
     )
+
+
+# VAR next-scale transformers (tokscale.autoregressive.var): depth d, width 64 d, d heads, stochastic depth
+# 0.1 d / 24, on VAR's tokenizer (vocab 4096, 32-d codes, 10 scales / 680 tokens) and 1000 classes. var-d12 is
+# the small model of collaborative decoding for var-d16; var-tiny / var-tiny-small sit on the tiny multi-scale
+# tokenizer (4096 codes of 8 dims, scales 1..8 on its 8 x 8 grid at 128 px) for tests and CPU runs.
+def _var(depth: int) -> dict:
+    return {"width": 64 * depth, "depth": depth, "heads": depth, "drop_path": 0.1 * depth / 24}
+
+
+_VAR_TINY = {"vocab_size": 4096, "code_dim": 8, "scales": [1, 2, 3, 4, 5, 6, 8], "drop_path": 0.0}
+VAR_PRESETS: dict[str, dict] = {
+    **{f"var-d{d}": _var(d) for d in (12, 16, 20, 24, 30)},
+    "var-tiny": {**_VAR_TINY, "width": 128, "depth": 2, "heads": 2},
+    "var-tiny-small": {**_VAR_TINY, "width": 64, "depth": 1, "heads": 1},
+}
+
+# Parameter counts of the presets; the VAR rows equal VAR's own constructor (models/var.py + basic_var.py,
+# shared_aln=False, attn_l2_norm=True, V=4096, Cvae=32, 10 scales, 1000 classes): 18 C^2 + 14 C + H per block, and
+# outside them C (Cvae + 1) input, 1001 C classes, C start, 680 C positions, 10 C levels, 2 C^2 + 2 C head AdaLN,
+# (C + 1) V head (tests/autoregressive/test_var.py checks the formula too).
+VAR_PARAMS: dict[str, int] = {
+    "var-d12": 133_186_960,
+    "var-d16": 310_283_520,  # VAR "310M"
+    "var-d20": 600_917_136,  # "600M"
+    "var-d24": 1_033_399_360,  # "1.0B"
+    "var-d30": 2_010_020_356,  # "2.0B"
+    "var-tiny": 1_304_964,
+    "var-tiny-small": 424_257,
+}
+
+
+def get_var_preset(name: str) -> dict:
+    """The VARConfig dict a preset name stands for (a copy)."""
+    if name not in VAR_PRESETS:
+        raise ValueError(f"unknown VAR preset {name!r}; expected one of {list(VAR_PRESETS)}")
+    return copy.deepcopy(VAR_PRESETS[name])
+
+
+def var_preset_config(name: str, overrides=()):
+    """The VARConfig of a preset with model-config overrides (``depth=2``, ``scales=[1,2,4]``), validated."""
+    from tokscale.autoregressive.var import VARConfig
+    from tokscale.config import load_config
+
+    return load_config(
+        VARConfig, None, [f"preset={name}", *overrides], presets=get_var_preset, preset_key="preset"
+    )
