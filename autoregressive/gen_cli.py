@@ -8,7 +8,9 @@
 
 Writes OUT/results.json (FID, IS, precision, recall and every setting behind them), OUT/samples.npz (ADM format,
 for the ADM TensorFlow evaluator) and OUT/grid.png. A killed run, rerun with the same flags, resumes from the
-samples it had written (tokscale.autoregressive.gen_eval).
+samples it had written (tokscale.autoregressive.gen_eval). A VAR run or export takes the same flags (converted:
+see tokscale.autoregressive.sample_cli) and its own ``--kv-budget``, ``--kv-keep-scales``, ``--code-handoff K
+--small-model SMALL_VAR``; results.json records them and the VAR sampler settings they became.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def add_command(esub: argparse._SubParsersAction) -> None:
             "--out DIR [--num-samples 50000] [--class-rule uniform|balanced] [--cfg-search greedy|grid:a,b]"
         ),
     )
-    p.add_argument("gpt", help="a `tokscale train c2i` run directory or a GPT export")
+    p.add_argument("gpt", help="a `tokscale train c2i|detailflow|var` run directory or a GPT or VAR export")
     p.add_argument("--tokenizer", required=True, help="the tokenizer whose codes the GPT was trained on")
     p.add_argument(
         "--reference",

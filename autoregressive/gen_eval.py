@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from tokscale.autoregressive.sample import SampleConfig
+from tokscale.autoregressive.var_sample import VAROptions
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class GenEvalConfig:
     overwrite: bool = False
     progress: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # a VAR's own settings (KV budget, CoDe): tokscale.autoregressive.var_sample
+    var: VAROptions = field(default_factory=VAROptions)
 
     @property
     def job_dir(self) -> Path:
@@ -160,6 +163,7 @@ def _settings(cfg: GenEvalConfig) -> dict:
     """What decides the samples and the scores (a resume must match it)."""
     d = asdict(cfg)
     d.update({f"sample.{k}": v for k, v in d.pop("sample").items()})
+    d.update({f"var.{k}": v for k, v in d.pop("var").items()})
     return {k: v for k, v in d.items() if k not in ("overwrite", "progress")}
 
 
@@ -197,11 +201,12 @@ def check_reference(path: str) -> dict:
 def prepare(cfg: GenEvalConfig) -> Path:
     """Before any process starts: check the pair, the reference, the weights and the class rule; decide
     between a fresh start and a resume; write the config every rank reads and return its path."""
-    from tokscale.autoregressive.sample_job import check_pair
+    from tokscale.autoregressive.sample_job import check_pair, sampler_record
     from tokscale.config import to_yaml
     from tokscale.evaluation.inception import check_weights_path
 
-    gpt_cfg = check_pair(cfg.gpt, cfg.tokenizer)
+    gpt_cfg = check_pair(cfg.gpt, cfg.tokenizer, cfg.var)
+    sampler_record(cfg)  # a VAR: flags with no VAR counterpart are refused here
     check_reference(cfg.reference)
     check_weights_path(cfg.inception_weights)
     sample_labels(cfg.num_samples, gpt_cfg.num_classes, cfg.class_rule, cfg.seed)
@@ -261,13 +266,13 @@ class _Sampler:
     """One rank's models: GPT, tokenizer and Inception, and how a chunk of labels becomes a chunk record."""
 
     def __init__(self, cfg: GenEvalConfig, device, eval_size: int):
-        from tokscale.autoregressive.load import load_gpt
+        from tokscale.autoregressive.sample_job import load_model
         from tokscale.evaluation.inception import load_inception
         from tokscale.tokenizers.load import load_tokenizer
 
         self.cfg, self.device, self.eval_size = cfg, device, eval_size
-        self.gpt = load_gpt(cfg.gpt, device, verify=cfg.verify_weights)
         self.tokenizer = load_tokenizer(cfg.tokenizer, device, verify=cfg.verify_weights)
+        self.gpt = load_model(cfg.gpt, self.tokenizer, cfg.var, device, verify=cfg.verify_weights)
         self.inception = load_inception(cfg.inception_weights, device)
 
     @property
@@ -534,7 +539,11 @@ def main(cfg: GenEvalConfig, should_stop=None) -> dict:
         write_adm_npz(staging / "samples.npz", chunk_paths, cfg.num_samples)
         _grid(chunk_paths, staging / "grid.png")
         labels = np.concatenate([_load_chunk(p, ("labels",))["labels"] for p in chunk_paths])
-        sampler_settings = {**asdict(cfg.sample), "cfg_scale": best_scale}
+        from tokscale.autoregressive.sample_job import sampler_record
+
+        sampler_settings = {**sampler_record(cfg), "cfg_scale": best_scale}
+        if "var_sampler" in sampler_settings:  # the VAR weight of the scale the search chose (t = s - 1)
+            sampler_settings["var_sampler"]["cfg_scale"] = max(best_scale - 1.0, 0.0)
         results = {
             **{k: final[k] for k in final if k != "cfg_scale"},
             "class_rule": cfg.class_rule,
@@ -560,6 +569,7 @@ def main(cfg: GenEvalConfig, should_stop=None) -> dict:
             "gpt": str(Path(cfg.gpt).resolve()),
             "tokenizer": str(Path(cfg.tokenizer).resolve()),
             "world_size": info.world_size,
+            "sampler_stats_rank0": getattr(sampler.gpt, "stats", None),  # a VAR's: passes, peak KV bytes
             "cfg_search": None
             if grid is None
             else {

@@ -13,6 +13,14 @@ on the seed, the settings and ``--batch-size``, not on the rank count; a killed 
 settings, resumes from the finished batches (tokscale.autoregressive.sample_job). The GPT and the tokenizer must
 agree: a codebook larger than the GPT's vocabulary, another token count, or (when the GPT's training shards
 recorded it) another tokenizer config hash is refused, naming both, before anything starts.
+
+A VAR run or export (``tokscale train var``) samples through its multi-scale tokenizer with the same flags,
+converted explicitly (tokscale.autoregressive.var_sample.var_sample_config: ``--cfg-scale s`` is VAR's t = s - 1,
+``--cfg-schedule linear`` VAR's ramp over scales, ``step`` refused), plus its own ``--kv-budget``,
+``--kv-keep-scales`` and CoDe's ``--code-handoff K --small-model SMALL_VAR``:
+
+    tokscale sample runs/var-tiny --tokenizer runs/ms-tiny --classes all --num 10 out/ --cfg-scale 2.5 \\
+        --cfg-schedule linear --top-k 900 --top-p 0.96 --kv-budget 0.3
 """
 
 from __future__ import annotations
@@ -23,8 +31,15 @@ import json
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """The sampler's flags (SampleConfig, seed, batch, device, KV cache), shared by ``sample`` and ``eval gen``."""
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
-    p.add_argument("--cfg-schedule", default="constant", help="constant | linear | step (GigaTok)")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance (1 = none; a VAR's t is this - 1)",
+    )
+    p.add_argument(
+        "--cfg-schedule", default="constant", help="constant | linear | step (GigaTok; a VAR: not step)"
+    )
     p.add_argument(
         "--cfg-start-ratio", type=float, default=0.18, help="step schedule: guided from this fraction"
     )
@@ -35,6 +50,15 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="samples per generation batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step (a check; slow)")
+    # a VAR's own (tokscale.autoregressive.var_sample.VAROptions); refused for other models
+    p.add_argument("--kv-budget", type=float, default=1.0, help="VAR: fraction of the fine scales' KV kept")
+    p.add_argument(
+        "--kv-keep-scales", type=int, default=4, help="VAR: coarse scales the KV budget never evicts"
+    )
+    p.add_argument(
+        "--code-handoff", type=int, default=0, help="VAR, CoDe: the small model draws from this scale"
+    )
+    p.add_argument("--small-model", default="", help="VAR, CoDe: the small VAR (run or export)")
 
 
 def sampler_dotlist(args: argparse.Namespace) -> list[str]:
@@ -50,6 +74,10 @@ def sampler_dotlist(args: argparse.Namespace) -> list[str]:
         f"sample.temperature={args.temperature}",
         f"sample.top_k={args.top_k}",
         f"sample.top_p={args.top_p}",
+        f"var.kv_budget={args.kv_budget}",
+        f"var.kv_keep_scales={args.kv_keep_scales}",
+        f"var.code_handoff={args.code_handoff}",
+        *([f"var.small_model={args.small_model}"] if args.small_model else []),  # "" would read as null
     ]
 
 
@@ -59,7 +87,7 @@ def add_sample_command(sub: argparse._SubParsersAction) -> None:
         help="class-conditional images from a GPT through a tokenizer (KV cache, CFG schedules)",
         description="tokscale sample GPT_RUN_OR_EXPORT --tokenizer TOKENIZER --classes 0,1,2 --num N OUT",
     )
-    p.add_argument("gpt", help="a `tokscale train c2i` run directory or a GPT export")
+    p.add_argument("gpt", help="a `tokscale train c2i|detailflow|var` run directory or a GPT or VAR export")
     p.add_argument("out", help="output folder")
     p.add_argument("--tokenizer", required=True, help="the tokenizer whose codes the GPT was trained on")
     p.add_argument("--classes", default="0", help="comma-separated class indices, or 'all'")

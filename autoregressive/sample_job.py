@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tokscale.autoregressive.sample import SampleConfig
+from tokscale.autoregressive.var_sample import VAROptions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ GRID_SAMPLES = 64
 
 @dataclass
 class SampleJobConfig:
-    gpt: str = ""  # a `tokscale train c2i` run directory or a GPT export
+    gpt: str = ""  # a `tokscale train c2i|detailflow|var` run directory or a GPT (or VAR) export
     tokenizer: str = ""  # the tokenizer whose codes the GPT was trained on
     out: str = ""  # the finished folder (images/, grid.png, samples.json)
     classes: str = "0"  # comma-separated class indices, or "all"
@@ -50,6 +51,8 @@ class SampleJobConfig:
     verify_weights: bool = True  # check exports against their SHA256SUMS before loading
     progress: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # a VAR's own settings (KV budget, CoDe): tokscale.autoregressive.var_sample
+    var: VAROptions = field(default_factory=VAROptions)
 
     @property
     def job_dir(self) -> Path:
@@ -113,13 +116,27 @@ def _trained_tokenizer_hash(gpt_path: Path) -> str | None:
     return json.loads(manifest.read_text()).get("tokenizer_config_sha256")
 
 
-def check_pair(gpt_path: str, tokenizer_path: str):
+def check_pair(gpt_path: str, tokenizer_path: str, var: VAROptions | None = None):
     """Refuse a GPT and a tokenizer that do not belong together, from their configs alone (nothing is loaded):
     a codebook larger than the GPT's vocabulary, another token count, or another tokenizer config hash than
-    the GPT's training shards recorded. Returns the GPT's config."""
+    the GPT's training shards recorded. Returns the GPT's config. A VAR (``schema: var``) is checked by
+    tokscale.autoregressive.var_sample.check_var_pair (scales, code width, vocabulary, CoDe's small model);
+    VAR options (``var``) other than the defaults are refused for any other model."""
     from tokscale.autoregressive.load import model_config_from as gpt_config_from
-    from tokscale.tokenizers.extract import tokenizer_identity
+    from tokscale.autoregressive.var_sample import check_var_pair, is_var_model
     from tokscale.tokenizers.load import model_config_from as tokenizer_config_from
+
+    if is_var_model(gpt_path):
+        var_cfg = check_var_pair(gpt_path, tokenizer_path, var)
+        trained = _trained_tokenizer_hash(Path(gpt_path))
+        if trained:
+            _check_trained_hash(gpt_path, tokenizer_path, trained)
+        return var_cfg
+    if var is not None and not var.is_default:
+        raise ValueError(
+            f"{gpt_path} is not a VAR: the VAR sampler options (kv budget {var.kv_budget}, CoDe handoff "
+            f"{var.code_handoff}, small model {var.small_model!r}) do not apply to it"
+        )
 
     gpt_cfg, tok_cfg = gpt_config_from(gpt_path), tokenizer_config_from(tokenizer_path)
     codebook = tok_cfg.quantizer.codebook_size
@@ -135,13 +152,42 @@ def check_pair(gpt_path: str, tokenizer_path: str):
         )
     trained = _trained_tokenizer_hash(Path(gpt_path))
     if trained:
-        _, given = tokenizer_identity(tokenizer_path)
-        if given != trained:
-            raise ValueError(
-                f"the GPT {gpt_path} was trained on codes of a tokenizer with config sha256 {trained[:12]}..., "
-                f"but {tokenizer_path} has {given[:12]}..."
-            )
+        _check_trained_hash(gpt_path, tokenizer_path, trained)
     return gpt_cfg
+
+
+def _check_trained_hash(gpt_path: str, tokenizer_path: str, trained: str) -> None:
+    from tokscale.tokenizers.extract import tokenizer_identity
+
+    _, given = tokenizer_identity(tokenizer_path)
+    if given != trained:
+        raise ValueError(
+            f"the model {gpt_path} was trained on codes of a tokenizer with config sha256 {trained[:12]}..., "
+            f"but {tokenizer_path} has {given[:12]}..."
+        )
+
+
+def load_model(path: str, tokenizer, var: VAROptions, device, verify: bool = True):
+    """What tokscale.autoregressive.sample.generate samples from: the GPT, or for a VAR run or export a
+    tokscale.autoregressive.var_sample.VARGenerator (the VAR, the tokenizer's quantizer, CoDe's small model)."""
+    from tokscale.autoregressive.load import load_gpt
+    from tokscale.autoregressive.var_sample import is_var_model, load_var_generator
+
+    if is_var_model(path):
+        return load_var_generator(path, tokenizer, var, device, verify=verify)
+    return load_gpt(path, device, verify=verify)
+
+
+def sampler_record(cfg) -> dict:
+    """The sampler settings for samples.json / results.json: SampleConfig's, and for a VAR the ``var`` options
+    and the VARSampleConfig they were converted to (``var_sampler``)."""
+    from tokscale.autoregressive.var_sample import is_var_model, var_sample_config
+
+    record = asdict(cfg.sample)
+    if is_var_model(cfg.gpt):
+        record["var"] = asdict(cfg.var)
+        record["var_sampler"] = asdict(var_sample_config(cfg.sample, cfg.var))
+    return record
 
 
 def prepare(cfg: SampleJobConfig) -> Path:
@@ -151,7 +197,8 @@ def prepare(cfg: SampleJobConfig) -> Path:
 
     from tokscale.config import to_yaml
 
-    gpt_cfg = check_pair(cfg.gpt, cfg.tokenizer)
+    gpt_cfg = check_pair(cfg.gpt, cfg.tokenizer, cfg.var)
+    sampler_record(cfg)  # a VAR: flags with no VAR counterpart are refused here
     class_list(cfg.classes, gpt_cfg.num_classes)
     out, work = Path(cfg.out), cfg.job_dir
     if out.exists() and not (cfg.overwrite and (out / "samples.json").is_file()):
@@ -180,6 +227,7 @@ def _settings(cfg: SampleJobConfig) -> dict:
     """What decides the images (a resume must match it); overwrite and progress do not."""
     d = asdict(cfg)
     d.update(d.pop("sample"))
+    d.update({f"var.{k}": v for k, v in d.pop("var").items()})
     return {k: v for k, v in d.items() if k not in ("overwrite", "progress")}
 
 
@@ -221,7 +269,7 @@ def _finish(cfg: SampleJobConfig, labels: list[int], num_chunks: int) -> None:
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "kv_cache": cfg.use_cache,
-        **asdict(cfg.sample),
+        **sampler_record(cfg),
         "labels": labels,
         "codes": codes,
     }
@@ -241,7 +289,6 @@ def main(cfg: SampleJobConfig, should_stop=None) -> dict:
     """Generate this rank's chunks; rank 0 assembles the folder when every rank is done."""
     import torch
 
-    from tokscale.autoregressive.load import load_gpt
     from tokscale.autoregressive.sample import generate
     from tokscale.distributed import any_rank, barrier, init_distributed
     from tokscale.images import save_png, to_unit
@@ -252,8 +299,8 @@ def main(cfg: SampleJobConfig, should_stop=None) -> dict:
     work = cfg.job_dir
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     (cfg.staging / "images").mkdir(parents=True, exist_ok=True)
-    gpt = load_gpt(cfg.gpt, device, verify=cfg.verify_weights)
     tokenizer = load_tokenizer(cfg.tokenizer, device, verify=cfg.verify_weights)
+    gpt = load_model(cfg.gpt, tokenizer, cfg.var, device, verify=cfg.verify_weights)
     labels = [c for c in class_list(cfg.classes, gpt.config.num_classes) for _ in range(cfg.num)]
     num_chunks = -(-len(labels) // cfg.batch_size)
     rounds = -(-num_chunks // info.world_size)  # the same on every rank: the stop vote below stays in step
