@@ -8,6 +8,17 @@ from __future__ import annotations
 from tokscale.export import metrics_table
 
 
+def tokens_per_image(m: dict) -> int:
+    """Codes per image of a resolved model config (TokenizerConfig.tokens, from the saved dict): the 1D tokens,
+    the 2D grid, or a multi-scale tokenizer's sequence of every scale."""
+    q = m["quantizer"]
+    if q.get("kind") == "multiscale":
+        return sum(p * p for p in q["scales"])
+    if m["kind"] == "1d":
+        return m["num_tokens"]
+    return (m["image_size"] // 2 ** (len(m["cnn"]["channel_mults"]) - 1)) ** 2
+
+
 def model_card(cfg, training: dict, metrics: dict, params: int) -> str:
     m = cfg["model"]
     metric_block = metrics_table(metrics)
@@ -24,7 +35,7 @@ pipeline_tag: image-to-image
 
 A GigaTok-style hybrid CNN + transformer VQ tokenizer trained with tokscale.
 
-- Tokens per image: {m["num_tokens"] if m["kind"] == "1d" else (m["image_size"] // 16) ** 2}, image size {m["image_size"]}
+- Tokens per image: {tokens_per_image(m)}, image size {m["image_size"]}
 - Codebook: {m["quantizer"]["codebook_size"]} codes of dimension {m["quantizer"]["code_dim"]} (l2-normalised: {m["quantizer"]["l2_norm"]})
 - Encoder: width {m["encoder"]["width"]}, depth {m["encoder"]["depth"]}; decoder: width {m["decoder"]["width"]}, depth {m["decoder"]["depth"]}
 - Parameters: {params:,}
