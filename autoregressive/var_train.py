@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tokscale.autoregressive.presets import get_var_preset
 from tokscale.autoregressive.train import C2ITask, TokenDataConfig, ValConfig, check_tokens_fit
@@ -153,16 +152,8 @@ class VARTask(C2ITask):
         """(teacher-forcing input (B, L - p_1^2, code_dim), target codes (B, L))."""
         return self.var_input(tokens_BT), tokens_BT
 
-    def train_step(self, engine, batch, step: int) -> dict[str, torch.Tensor]:
-        tokens, labels = (t.to(self.dist.device, non_blocking=True) for t in batch)
-        x_in, target = self.split_tokens(tokens)
-        logits = engine(x_in, labels)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        engine.backward(loss)
-        engine.step()
-        if self.ema is not None and engine.is_gradient_accumulation_boundary():
-            self.ema.update(engine.module)
-        return {"loss_ce": loss.detach()}
+    def train_pair(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_tokens(tokens_BT)
 
     @classmethod
     def model_card(cls, cfg: dict, training: dict, metrics: dict, params: int) -> str:
