@@ -23,9 +23,8 @@ def list_model_presets() -> list[str]:
 
 
 def describe_model(preset: str, overrides: list[str]) -> dict:
-    """``tokscale model info`` of a GPT or VAR preset: parameter counts and sizes, built on the meta device."""
-    import torch
-
+    """``tokscale model info`` of a GPT, DetailFlow or VAR preset: parameter counts and sizes, built on the meta
+    device."""
     if preset.startswith("var-"):
         return describe_var(preset, overrides)
     if preset.startswith("detailflow-"):
@@ -35,69 +34,39 @@ def describe_model(preset: str, overrides: list[str]) -> dict:
     from tokscale.autoregressive.presets import preset_config
 
     cfg = preset_config(preset, overrides)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return {
-        "preset": preset,
-        "kind": "gpt",
-        **param_counts(model),
-        "width": cfg.width,
-        "depth": cfg.depth,
-        "heads": cfg.heads,
-        "head_dim": cfg.head_dim,
-        "ffn_hidden": cfg.ffn_hidden,
-        "vocab_size": cfg.vocab_size,
-        "num_tokens": cfg.num_tokens,
-        "num_classes": cfg.num_classes,
-        "position": cfg.position,
-        "qk_norm": cfg.qk_norm,
-    }
+    keys = ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size", "num_tokens", "num_classes")
+    return _describe(preset, "gpt", GPT, param_counts, cfg, (*keys, "position", "qk_norm"))
 
 
 def describe_detailflow(preset: str, overrides: list[str]) -> dict:
-    import torch
-
     from tokscale.autoregressive.detailflow import DetailFlowGPT, detailflow_config, num_forward_passes
     from tokscale.autoregressive.gpt import param_counts
 
     cfg = detailflow_config(preset, overrides)
-    with torch.device("meta"):
-        model = DetailFlowGPT(cfg)
-    return {
-        "preset": preset,
-        "kind": "detailflow",
-        **param_counts(model),
-        **{k: getattr(cfg, k) for k in ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size")},
-        **{k: getattr(cfg, k) for k in ("num_tokens", "num_classes", "group_size", "rope_offset")},
-        "sampling_forward_passes": num_forward_passes(cfg.num_tokens, cfg.group_size),
-    }
+    keys = ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size", "num_tokens", "num_classes")
+    out = _describe(preset, "detailflow", DetailFlowGPT, param_counts, cfg, (*keys, "group_size", "rope_offset"))
+    out["sampling_forward_passes"] = num_forward_passes(cfg.num_tokens, cfg.group_size)
+    return out
 
 
 def describe_var(preset: str, overrides: list[str]) -> dict:
-    import torch
-
     from tokscale.autoregressive.presets import var_preset_config
     from tokscale.autoregressive.var import VAR, var_param_counts
 
     cfg = var_preset_config(preset, overrides)
+    keys = ("width", "depth", "heads", "head_dim", "ffn_hidden", "vocab_size", "code_dim", "scales")
+    out = _describe(preset, "var", VAR, var_param_counts, cfg, (*keys, "num_tokens", "num_classes", "drop_path"))
+    out["scales"] = list(cfg.scales)
+    return out
+
+
+def _describe(preset: str, kind: str, model_cls, counts, cfg, keys) -> dict:
+    """``model info``'s JSON: the model built on the meta device, its parameter counts and config fields."""
+    import torch
+
     with torch.device("meta"):
-        model = VAR(cfg)
-    return {
-        "preset": preset,
-        "kind": "var",
-        **var_param_counts(model),
-        "width": cfg.width,
-        "depth": cfg.depth,
-        "heads": cfg.heads,
-        "head_dim": cfg.head_dim,
-        "ffn_hidden": cfg.ffn_hidden,
-        "vocab_size": cfg.vocab_size,
-        "code_dim": cfg.code_dim,
-        "scales": list(cfg.scales),
-        "num_tokens": cfg.num_tokens,
-        "num_classes": cfg.num_classes,
-        "drop_path": cfg.drop_path,
-    }
+        model = model_cls(cfg)
+    return {"preset": preset, "kind": kind, **counts(model), **{k: getattr(cfg, k) for k in keys}}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
