@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,7 @@ from tokscale.tokenizers.quantizer import (
     nearest_code,
     rotate_to,
 )
+from tokscale.tokenizers.quantizer import _row_min as row_min
 
 
 def make_vq(**kw):
@@ -27,6 +29,23 @@ def test_chunked_search_equals_unchunked_search():
     assert torch.equal(idx_chunked, idx_full)
     assert torch.equal(idx_full, reference)
     assert torch.allclose(dist_chunked, dist_full)
+
+
+@pytest.mark.parametrize("k", [100, 256, 300, 16384])  # one level, two whole blocks, a tail block, 128 blocks
+def test_two_level_row_minimum_equals_torch_min_with_its_first_index_on_ties(k):
+    torch.manual_seed(k)
+    d = torch.randint(0, 40, (33, k)).float()  # small integers: every row has many exact ties
+    d[0] = 5.0  # a constant row: index 0
+    d[1, -1] = -1.0  # the minimum in the last (tail) column
+    d[2, [7, k - 2]] = -3.0  # a tie across blocks: the first one
+    val, idx = torch.empty(33), torch.empty(33, dtype=torch.long)
+    row_min(d, val, idx)
+    want_val, want_idx = torch.min(d, dim=1)
+    assert torch.equal(val, want_val) and torch.equal(idx, want_idx)
+    assert idx[0] == 0 and idx[1] == k - 1 and idx[2] == 7
+    assert torch.equal(d[torch.arange(33), idx], val)
+    first = (d == val.unsqueeze(1)).float().argmax(1)  # the first column equal to the minimum
+    assert torch.equal(idx, first)
 
 
 def test_search_runs_in_fp32_for_bf16_inputs():
