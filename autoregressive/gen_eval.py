@@ -339,7 +339,7 @@ def _sample_point(cfg, sampler, info, folder: Path, scale: float, num: int, shou
             if bar is not None:
                 bar.n = min(num, (r + 1) * info.world_size * cfg.batch_size)
                 bar.refresh()
-            if should_stop is not None and any_rank(should_stop(), info.device):
+            if should_stop is not None and any_rank(should_stop()):
                 return False
     if bar is not None:
         bar.close()

@@ -330,7 +330,7 @@ def main(cfg: SampleJobConfig, should_stop=None) -> dict:
                 made += len(part)
             if bar is not None:
                 bar.update()
-            if should_stop is not None and any_rank(should_stop(), device):
+            if should_stop is not None and any_rank(should_stop()):
                 return {"status": "stopped", "samples": made}
     if bar is not None:
         bar.close()

@@ -162,7 +162,6 @@ def save_checkpoint(
     rank_state: dict,
     trainer_state: dict,
     keep_last: int,
-    device: torch.device | str = "cpu",
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path.
 
@@ -180,7 +179,7 @@ def save_checkpoint(
     barrier()
     need = checkpoint_bytes(last[1]) if last is not None else None
     free = shutil.disk_usage(root).free
-    if any_rank(need is not None and free < need, device):
+    if any_rank(need is not None and free < need):
         raise CheckpointSpaceError(_space_message(root, step, free, need, last[1] if last else None))
     failure: BaseException | None = None
     try:
@@ -199,7 +198,7 @@ def save_checkpoint(
         if not _is_no_space(err):
             raise
         failure = err
-    if any_rank(failure is not None, device):  # every rank leaves together, none waits in a barrier
+    if any_rank(failure is not None):  # every rank leaves together, none waits in a barrier
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         message = _space_message(root, step, shutil.disk_usage(root).free, need, last[1] if last else None)

@@ -82,9 +82,28 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is True on at least one (e.g. a stop request seen by one process)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+_HOST_GROUPS: dict[int, object] = {}
+
+
+def host_group():
+    """A gloo process group over every rank, for collectives on host values when the default group is NCCL (None
+    when the default group already is gloo). Made on first use, which every rank reaches at the same collective."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS.clear()  # a group of an earlier default group (destroyed since) is never used again
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on at least one (e.g. a stop request seen by one process).
+
+    Host-side only: a world of one returns the flag as it is, and several ranks reduce a CPU tensor (over a gloo
+    group next to an NCCL one), so that a check made every training step never waits for the GPU's queue."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return bool(t.item() > 0)

@@ -29,6 +29,7 @@ from tokscale.trainer import (
     LoopConfig,
     OptimConfig,
     Task,
+    adamw,
     check_global_batch,
     check_precision,
     lr_lambda,
@@ -155,8 +156,9 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
     task = task_cls(cfg, d)
     model = task.build_model()
     side = task.build_side()
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(  # fused on a GPU (one kernel for every parameter); torch's default elsewhere
         task.param_groups(model),
+        d.device,
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
@@ -215,7 +217,6 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
                 "config": to_dict(cfg),
             },
             keep_last=tc.keep_last,
-            device=d.device,
         )
 
     metrics_log = MetricLogger(cfg.run_dir, d.is_main)
@@ -227,7 +228,7 @@ def train(task_cls: type[Task], cfg: Any, should_stop: Callable[[], bool] | None
     )
     try:
         while step < tc.max_steps:
-            if any_rank(bool(should_stop and should_stop()), d.device):
+            if any_rank(bool(should_stop and should_stop())):
                 save(step)
                 status = "stopped"
                 break

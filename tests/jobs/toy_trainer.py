@@ -66,7 +66,7 @@ def main(cfg: ToyConfig, should_stop=None) -> dict:
 
     status = "done"
     while step < cfg.train.max_steps:
-        if any_rank(bool(should_stop and should_stop()), d.device):
+        if any_rank(bool(should_stop and should_stop())):
             save(step)
             status = "stopped"
             break
