@@ -334,12 +334,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_usage(self, idx: torch.Tensor) -> None:
+        """Write the step's indices into the rolling window, on the device: the position stays a tensor, so that
+        no step waits for the GPU to read it (the window is read at the logging cadence)."""
         n = self.cfg.usage_window
-        idx = idx[-n:]
-        pos = int(self.usage_pos)
-        ar = (torch.arange(idx.numel(), device=idx.device) + pos) % n
-        self.usage_window[ar] = idx
-        self.usage_pos.fill_((pos + idx.numel()) % n)
+        idx = idx.reshape(-1)[-n:]
+        at = (torch.arange(idx.numel(), device=idx.device) + self.usage_pos) % n
+        self.usage_window[at] = idx
+        self.usage_pos.add_(idx.numel()).remainder_(n)
 
     @torch.no_grad()
     def usage_stats(self) -> dict[str, float]:
