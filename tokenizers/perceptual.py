@@ -108,6 +108,9 @@ class FrozenModule(nn.Module):
             return
 
 
+# The lpips package's epsilon in the feature normalisation (its normalize_tensor).
+LPIPS_EPS = 1e-10
+
 # ImageNet statistics: the input normalisation of the frozen ImageNet-trained networks (DINOv2 teacher, DINO
 # discriminator).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -183,7 +186,10 @@ class PerceptualLoss(FrozenModule):
         self.freeze()
         logger.info("LPIPS VGG trunk loaded from %s", cfg.vgg_weights)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bf16_trunk: bool = False) -> torch.Tensor:
+        """The distance in float32. ``bf16_trunk``: the VGG convolutions under bf16 autocast (the training loss
+        under ``loss.frozen_precision``), their features back in float32 before the normalisation, the squared
+        differences, the heads and the average; off, everything is float32 as in the lpips package (the metric)."""
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"LPIPS expects two (B, 3, H, W) images of one shape, got {x.shape} and {y.shape}"
@@ -192,8 +198,29 @@ class PerceptualLoss(FrozenModule):
         # Autocast off and inputs in float32: the distance is a sum of small squared differences of
         # unit-normalised features, which bf16 rounds away.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            distance = self.lpips(x.float(), y.float())
+            if bf16_trunk:
+                distance = self._distance_bf16_trunk(x.float(), y.float())
+            else:
+                distance = self.lpips(x.float(), y.float())
         return distance.reshape(x.shape[0])
+
+    def _distance_bf16_trunk(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        net = self.lpips
+
+        def trunk(images):
+            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+                return net.net(net.scaling_layer(images))
+
+        feats_x = trunk(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):
+            feats_y = trunk(y)  # the target: no graph unless it needs a gradient too
+        total = 0.0
+        for head, fx, fy in zip(net.lins, feats_x, feats_y):
+            fx, fy = fx.float(), fy.float()
+            ux = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + LPIPS_EPS)
+            uy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + LPIPS_EPS)
+            total = total + head((ux - uy).pow(2)).mean((2, 3), keepdim=True)
+        return total
 
 
 def build_lpips(cfg: PerceptualConfig) -> PerceptualLoss | None:

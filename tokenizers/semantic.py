@@ -118,8 +118,9 @@ class DinoTeacher(FrozenModule):
     """Frozen timm ViT: ``forward(images in [-1, 1], any size) -> (B, G*G, dim)`` l2-normalised patch tokens.
 
     Images are mapped to [0, 1], resized to ``teacher_size`` (bicubic, antialiased), normalised with the ImageNet
-    mean and std, and run through the ViT in float32 with autocast off; the final-norm patch tokens (class and
-    register tokens dropped) are resampled to the student grid ``grid_size`` and l2-normalised. No gradients.
+    mean and std, and run through the ViT in float32 with autocast off (under bf16 autocast with ``bf16=True``); the
+    final-norm patch tokens (class and register tokens dropped) are resampled to the student grid ``grid_size`` and
+    l2-normalised in float32. No gradients.
     """
 
     def __init__(self, cfg: SemanticConfig, grid_size: int) -> None:
@@ -187,13 +188,17 @@ class DinoTeacher(FrozenModule):
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """``bf16``: the ViT under bf16 autocast (``loss.frozen_precision``); the preprocessing, the resampling and
+        the normalisation of its tokens stay float32."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
         self.check_fp32()
         with torch.autocast(device_type=images.device.type, enabled=False):
-            tokens = self.model.forward_features(self.preprocess(images))
-            tokens = tokens[:, self.model.num_prefix_tokens :]
+            x = self.preprocess(images)
+            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                tokens = self.model.forward_features(x)
+            tokens = tokens[:, self.model.num_prefix_tokens :].float()
             tokens = resample_token_grid(tokens, self.grid_size)
             return F.normalize(tokens, dim=-1)
 

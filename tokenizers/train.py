@@ -30,7 +30,7 @@ from tokscale.tokenizers.model import TokenizerConfig
 from tokscale.tokenizers.perceptual import PerceptualConfig
 from tokscale.tokenizers.presets import get_preset
 from tokscale.tokenizers.semantic import SemanticConfig
-from tokscale.trainer import LoopConfig, OptimConfig, Task, adamw, apply_speed_options, profiled
+from tokscale.trainer import LoopConfig, OptimConfig, Task, adamw, apply_speed_options, profiled, use_bf16
 
 
 @dataclass
@@ -54,6 +54,9 @@ class AuxConfig:
         return step < self.until_step
 
 
+FROZEN_PRECISIONS = ("auto", "fp32", "bf16")  # loss.frozen_precision
+
+
 @dataclass
 class LossConfig:
     rec_weight: float = 1.0  # L2 reconstruction
@@ -61,6 +64,21 @@ class LossConfig:
     gan: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
+    # The frozen DINOv2 teacher and LPIPS's VGG trunk in the training step: "auto" runs them under bf16 autocast
+    # when the generator trains in bf16 (their features, distances and heads stay float32), "fp32" always in
+    # float32, "bf16" always under bf16 autocast. LPIPS as an evaluation metric is float32 whatever this says.
+    frozen_precision: str = "auto"
+
+    def __post_init__(self):
+        if self.frozen_precision not in FROZEN_PRECISIONS:
+            raise ValueError(
+                f"loss.frozen_precision={self.frozen_precision!r}: expected one of {FROZEN_PRECISIONS}"
+            )
+
+
+def frozen_in_bf16(frozen_precision: str, train_precision: str) -> bool:
+    """Whether the step runs the frozen teacher and LPIPS trunk under bf16 autocast (``loss.frozen_precision``)."""
+    return frozen_precision == "bf16" or (frozen_precision == "auto" and use_bf16(train_precision))
 
 
 @dataclass
@@ -138,6 +156,7 @@ class TokenizerTask(Task):
         cfg, device = self.cfg, self.dist.device
         self.lpips = build_lpips(cfg.loss.perceptual)
         self.teacher = build_teacher(cfg.loss.semantic, cfg.model.grid_size)
+        self.frozen_bf16 = frozen_in_bf16(cfg.loss.frozen_precision, cfg.train.precision)
         self.lpips = self.lpips.to(device) if self.lpips is not None else None
         if self.lpips is not None and cfg.train.channels_last:
             self.lpips.to(memory_format=torch.channels_last)  # VGG convolutions on the NHWC reconstruction
@@ -264,19 +283,23 @@ def generator_step(engine, task: TokenizerTask, images, step: int, cfg: TrainCon
         losses["loss_entropy"] = out["loss_entropy"]
     if task.lpips is not None:
         with profiled("lpips"):
-            losses["loss_lpips"] = lc.perceptual.weight * task.lpips(recon, rec_target).mean()
+            losses["loss_lpips"] = (
+                lc.perceptual.weight * task.lpips(recon, rec_target, task.frozen_bf16).mean()
+            )
     if plan is not None:
         losses.update(detailflow_losses(task, out, images, cfg))
     if task.teacher is not None:
         with torch.no_grad(), profiled("teacher"):
-            target = task.teacher(images)
+            target = task.teacher(images, task.frozen_bf16)
         losses["loss_semantic"] = lc.semantic.weight * semantic_loss(out["semantic"].float(), target)
     if aux:
         shortcut = out["shortcut_recon"].float()
         losses["loss_aux_rec"] = lc.rec_weight * F.mse_loss(shortcut, images)
         if task.lpips is not None:
             with profiled("lpips"):
-                losses["loss_aux_lpips"] = lc.perceptual.weight * task.lpips(shortcut, images).mean()
+                losses["loss_aux_lpips"] = (
+                    lc.perceptual.weight * task.lpips(shortcut, images, task.frozen_bf16).mean()
+                )
         losses["loss_aux_feature"] = lc.aux.feature_weight * F.mse_loss(
             out["spatial"].float(), out["cnn_features"].float()
         )

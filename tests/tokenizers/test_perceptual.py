@@ -6,6 +6,7 @@ from pathlib import Path
 import lpips
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from tokscale.tokenizers.perceptual import PerceptualConfig, PerceptualLoss, build_lpips
@@ -75,6 +76,23 @@ def test_lpips_on_bf16_inputs_computes_in_fp32(ours):
     torch.testing.assert_close(got, expected)
 
 
+def test_lpips_with_a_bf16_trunk_is_close_to_fp32_passes_gradients_and_leaves_the_metric_fp32(ours):
+    torch.manual_seed(4)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    y = (x.detach() + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    got = ours(x, y, bf16_trunk=True)
+    want = ours(x, y)
+    assert got.dtype == torch.float32 and got.shape == (2,)
+    assert not torch.equal(got, want)  # the convolutions did run in bf16 ...
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=0)  # ... to within bf16's rounding of the features
+    (grad_bf16,) = torch.autograd.grad(got.sum(), x)
+    (grad_fp32,) = torch.autograd.grad(want.sum(), x)
+    cos = F.cosine_similarity(grad_bf16.flatten(), grad_fp32.flatten(), dim=0)
+    assert cos > 0.99
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, y), want.detach(), rtol=0, atol=0)  # the default stays fp32
+
+
 def test_lpips_refuses_to_run_after_being_cast_to_bf16(vgg_file):
     loss = build_lpips(PerceptualConfig(vgg_weights=str(vgg_file))).to(torch.bfloat16)
     x = torch.zeros(1, 3, 32, 32)
@@ -106,3 +124,16 @@ def test_a_file_that_is_not_vgg16_is_an_error_naming_the_missing_keys(tmp_path):
 def test_negative_weight_is_rejected_naming_the_key():
     with pytest.raises(ValueError, match="perceptual.weight"):
         PerceptualConfig(weight=-1.0)
+
+
+def test_the_frozen_networks_run_in_bf16_only_when_asked_or_when_the_generator_does():
+    from tokscale.config import ConfigError
+    from tokscale.tokenizers.train import TokenizerTask, frozen_in_bf16
+
+    assert frozen_in_bf16("auto", "bf16") and not frozen_in_bf16("auto", "fp32")
+    assert frozen_in_bf16("bf16", "fp32") and not frozen_in_bf16("fp32", "bf16")
+    assert frozen_in_bf16("auto", "auto") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    with pytest.raises(
+        ConfigError, match=r"loss.frozen_precision='half'.*expected one of \('auto', 'fp32', 'bf16'\)"
+    ):
+        TokenizerTask.load_config("tokenizer/demo", ["loss.frozen_precision=half"])

@@ -81,6 +81,16 @@ def test_teacher_on_bf16_images_of_another_size_computes_in_fp32(teacher):
     torch.testing.assert_close(got, teacher(images.float()))
 
 
+def test_teacher_under_bf16_gives_fp32_unit_tokens_close_to_the_fp32_teacher(teacher):
+    torch.manual_seed(5)
+    images = torch.rand(1, 3, 224, 224) * 2 - 1
+    got, want = teacher(images, bf16=True), teacher(images)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(1, 256))
+    assert F.cosine_similarity(got, want, dim=-1).min() > 0.98  # per token
+
+
 def test_teacher_is_frozen_in_eval_mode_and_returns_no_gradient(teacher):
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
