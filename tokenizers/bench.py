@@ -22,6 +22,15 @@ step in each part (encoder, quantizer, decoder, teacher, lpips, discriminator, o
 ``torch.profiler``, each part's forward range plus the backward nodes its forward ops created); the attention
 kernels each part ran; on a GPU the host-device synchronisations in one step. ``--with-data W ...`` adds the
 input pipeline's images/s per rank (tokscale.data.bench, the same resolution and batch) at each worker count.
+``frozen_bf16`` says whether the teacher and LPIPS's trunk ran under bf16 autocast (``loss.frozen_precision``).
+
+``--find-batch`` (CUDA) reports instead the largest batch whose step fits in GPU memory at the recipe's ZeRO
+stage: batches double from ``--batch`` until one fails with an out-of-memory error, then bisection; each try is
+a fresh process (one warmup step and one step: the optimizer states exist by then). ``--memory-gb 80`` caps the
+process at 80 GB, so that a larger GPU answers for an 80 GB one::
+
+    tokscale bench tokenizer 2d-S-S --find-batch --memory-gb 80                     # the recipe's ZeRO stage
+    tokscale bench tokenizer 1d-XL-XXL --find-batch --memory-gb 80 train.zero_stage=3 --grad-checkpointing
 """
 
 from __future__ import annotations
@@ -377,9 +386,110 @@ def _check_device(requested: str) -> None:
         raise ValueError(f"--device must be auto, cpu or cuda, got {requested!r}")
 
 
+def largest_batch(fits, start: int, limit: int) -> tuple[int, dict[int, bool]]:
+    """The largest batch b <= ``limit`` for which ``fits(b)``, taking a batch that fits to mean every smaller one
+    fits: doubling from ``start`` until a batch fails (or ``limit``), then bisection between the largest batch
+    that fitted and the smallest that failed. Returns it (0 when not even 1 fits) and every batch tried."""
+    tried: dict[int, bool] = {}
+
+    def check(b: int) -> bool:
+        tried[b] = fits(b)
+        return tried[b]
+
+    lo, hi, b = 0, limit + 1, min(start, limit)
+    while b < hi:
+        if check(b):
+            lo, b = b, min(2 * b, limit) if b < limit else hi
+        else:
+            hi = b
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if check(mid) else (lo, mid)
+    return lo, tried
+
+
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def find_batch(args: argparse.Namespace) -> dict:
+    """``--find-batch``: the largest batch whose training step runs on this GPU, each try in its own process (an
+    out-of-memory error can leave the engine and the allocator in any state)."""
+    import json
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "--find-batch measures GPU memory and needs a CUDA device; none is visible (on a CPU the batch is "
+            "bounded by host memory, not by this search)"
+        )
+    if args.batch < 1 or args.max_batch < args.batch:
+        raise ValueError(
+            f"--find-batch starts at --batch {args.batch} (>= 1) and stops at --max-batch {args.max_batch}"
+        )
+    base = [sys.executable, "-m", "tokscale.cli", "bench", "tokenizer", args.preset, *args.overrides]
+    for flag in ("config", "at_step", "resolution", "memory_gb"):
+        value = getattr(args, flag)
+        base += [f"--{flag.replace('_', '-')}", str(value)] if value is not None else []
+    base += [
+        "--precision",
+        args.precision,
+        "--device",
+        "cuda",
+        "--fit-check",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+    ]
+    base += [f for f, on in (("--grad-checkpointing", args.grad_checkpointing), ("--compile", args.compile),
+                             ("--channels-last", args.channels_last)) if on]  # fmt: skip
+    peaks: dict[int, float] = {}
+    first: dict = {}
+
+    def fits(batch: int) -> bool:
+        res = subprocess.run([*base, "--batch", str(batch)], capture_output=True, text=True)
+        if res.returncode == 0:
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            peaks[batch] = out["peak_memory_mb"]
+            first.update(out if not first else {})
+            print(f"batch {batch}: fits, peak {out['peak_memory_mb']} MB", file=sys.stderr)
+            return True
+        if any(m in res.stderr for m in OOM_MARKERS):
+            print(f"batch {batch}: out of memory", file=sys.stderr)
+            return False
+        tail = "\n".join(res.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(
+            f"bench tokenizer --batch {batch} failed, not for memory (exit {res.returncode}):\n{tail}"
+        )
+
+    best, tried = largest_batch(fits, args.batch, args.max_batch)
+    return {
+        "benchmark": "tokenizer_max_batch",
+        "preset": args.preset,
+        "config": first.get("config"),
+        "device": torch.cuda.get_device_name(0),
+        "memory_gb": args.memory_gb,
+        "engine": first.get("engine"),
+        "precision": first.get("precision"),
+        "resolution": first.get("resolution"),
+        "grad_checkpointing": args.grad_checkpointing,
+        "max_batch": best,
+        "peak_memory_mb": peaks.get(best),
+        "at_max_batch_limit": best == args.max_batch,
+        "tried": {
+            str(b): (f"fits, peak {peaks[b]} MB" if ok else "out of memory")
+            for b, ok in sorted(tried.items())
+        },
+    }
+
+
 def bench(args: argparse.Namespace) -> dict:
     import os
 
+    if args.find_batch:
+        return find_batch(args)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from tokscale.distributed import init_distributed
     from tokscale.tokenizers.train import load_train_config
@@ -403,6 +513,13 @@ def bench(args: argparse.Namespace) -> dict:
         if extra:
             cfg = load_train_config(recipe, overrides + extra)
         dist = init_distributed()
+        if args.memory_gb is not None:
+            if dist.device.type != "cuda":
+                raise ValueError("--memory-gb caps GPU memory and needs a CUDA device; none is visible")
+            total = torch.cuda.get_device_properties(dist.device).total_memory
+            if args.memory_gb * 1e9 > total:
+                raise ValueError(f"--memory-gb {args.memory_gb}: the GPU has only {total / 1e9:.1f} GB")
+            torch.cuda.set_per_process_memory_fraction(args.memory_gb * 1e9 / total, dist.device)
         task, engine = build_engine(cfg, dist)
     device = dist.device  # cuda:N or cpu: where training would run
 
@@ -437,6 +554,15 @@ def bench(args: argparse.Namespace) -> dict:
         # Linux reports ru_maxrss in KiB: the whole process's peak, frozen networks and optimizer states included
         else {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     )
+    precision = (
+        "bf16" if engine.bfloat16_enabled() else "fp16-autocast" if cfg.train.precision == "fp16" else "fp32"
+    )
+    engine_name = (
+        f"DeepSpeed {__import__('deepspeed').__version__}, world size 1, ZeRO stage {cfg.train.zero_stage}"
+    )
+    if args.fit_check:  # one --find-batch try: the step ran; its memory is all that is asked
+        return {"batch": args.batch, "config": recipe, "resolution": res, "precision": precision,
+                "engine": engine_name, **peak_memory}  # fmt: skip
     nets = [m for m in (engine.module, task.disc, task.lpips, task.teacher) if m is not None]
     flops = count_flops(step, *nets)
     images_per_s = args.batch / dt
@@ -446,9 +572,6 @@ def bench(args: argparse.Namespace) -> dict:
         peak, peak_note = peak_bf16_tflops(device_name)
     else:
         peak, peak_note = None, "no MFU on a CPU (MFU is against a GPU's dense bf16 tensor-core peak)"
-    precision = (
-        "bf16" if engine.bfloat16_enabled() else "fp16-autocast" if cfg.train.precision == "fp16" else "fp32"
-    )
     trained = sum(p.numel() for p in engine.module.parameters())
     if task.disc_opt is not None:
         trained += sum(p.numel() for g in task.disc_opt.param_groups for p in g["params"])
@@ -460,7 +583,7 @@ def bench(args: argparse.Namespace) -> dict:
         "loss_terms": sorted(k for k in losses if k.startswith("loss_") and k != "loss_total"),
         "device": device_name,
         "threads": torch.get_num_threads(),
-        "engine": f"DeepSpeed {__import__('deepspeed').__version__}, world size 1, ZeRO stage {cfg.train.zero_stage}",
+        "engine": engine_name,
         "precision": precision,
         "batch": args.batch,
         "resolution": res,
@@ -469,6 +592,7 @@ def bench(args: argparse.Namespace) -> dict:
         "compile": cfg.train.compile,
         "channels_last": cfg.train.channels_last,
         "fused_adamw": device.type == "cuda",
+        "frozen_bf16": task.frozen_bf16,
         "frozen_weights": frozen,
         "warmup": args.warmup,
         "steps": args.steps,

@@ -117,7 +117,9 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--profile-steps", type=int, default=2, help="steps profiled for the per-part shares")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda (the step runs where training would)")
-    b.add_argument("--precision", default="recipe", help="recipe | auto | bf16 | fp16 | fp32 (train.precision)")
+    b.add_argument(
+        "--precision", default="recipe", help="recipe | auto | bf16 | fp16 | fp32 (train.precision)"
+    )
     b.add_argument("--grad-checkpointing", action="store_true", help="model.grad_checkpointing=true")
     b.add_argument("--compile", action="store_true", help="train.compile=true")
     b.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
@@ -130,6 +132,20 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
         help="also time the input pipeline (tokscale bench data) at these worker counts",
     )
     b.add_argument("--data-images", type=int, default=256, help="images of the --with-data measurement")
+    b.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="CUDA: the largest batch whose step fits in GPU memory (doubling from --batch, then bisection; each "
+        "try a fresh process), at the recipe's ZeRO stage (train.zero_stage=N to change it)",
+    )
+    b.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="CUDA: cap this process's GPU memory at this many GB (e.g. 80 on a larger GPU)",
+    )
+    b.add_argument("--max-batch", type=int, default=4096, help="--find-batch: the largest batch tried")
+    b.add_argument("--fit-check", action="store_true", help=argparse.SUPPRESS)  # one --find-batch try
     b.set_defaults(func=bench_tokenizer)
 
     e = bench_sub.add_parser(
@@ -165,7 +181,9 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n", type=int, nargs="+", default=[512, 65536], help="rows (image tokens) per batch")
     q.add_argument("--codebook", type=int, default=16384, help="codes K")
     q.add_argument("--dim", type=int, default=8, help="code dimension d")
-    q.add_argument("--chunk", type=int, default=16384, help="quantizer.search_chunk (rows per distance slice)")
+    q.add_argument(
+        "--chunk", type=int, default=16384, help="quantizer.search_chunk (rows per distance slice)"
+    )
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--repeats", type=int, default=5, help="timed calls of every variant (round-robin)")
     q.add_argument("--warmup", type=int, default=1)

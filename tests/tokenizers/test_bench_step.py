@@ -200,3 +200,34 @@ def test_channels_last_changes_no_loss_of_the_step(one_thread):
     for a, b in zip(plain, nhwc):
         assert a.keys() == b.keys()
         assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "largest, start, limit, want",
+    [
+        (37, 8, 4096, 37),
+        (3, 8, 4096, 3),
+        (0, 8, 4096, 0),
+        (5000, 8, 4096, 4096),
+        (8, 8, 8, 8),
+        (64, 8, 100, 64),
+    ],
+)
+def test_the_batch_search_finds_the_largest_fitting_batch_in_few_tries(largest, start, limit, want):
+    from tokscale.tokenizers.bench import largest_batch
+
+    best, tried = largest_batch(lambda b: b <= largest, start, limit)
+    assert best == want
+    assert all(ok == (b <= largest) for b, ok in tried.items()) and max(tried) <= limit
+    assert want in tried or want == 0
+    assert want + 1 in tried or want == limit  # the batch above it was seen to fail
+    assert len(tried) <= 2 * limit.bit_length()
+
+
+def test_find_batch_and_memory_cap_need_a_gpu(capsys):
+    from tokscale.cli import main as cli_main
+
+    if torch.cuda.is_available():  # CI and this machine have none; on a GPU the two flags run
+        return
+    assert cli_main(["bench", "tokenizer", "2d-tiny", "--find-batch"]) != 0
+    assert "--find-batch measures GPU memory and needs a CUDA device" in capsys.readouterr().err
