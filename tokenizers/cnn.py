@@ -89,11 +89,17 @@ class AdaptiveGroupNorm(nn.Module):
         return scale[..., None, None] * self.norm(x) + shift[..., None, None]
 
 
-def depth_to_space(x: torch.Tensor, block: int = 2) -> torch.Tensor:
+def depth_to_space(x: torch.Tensor, block: int = 2, keep_channels_last: bool = False) -> torch.Tensor:
     """(B, b*b*C, H, W) -> (B, C, b*H, b*W) in DCR order: input channel (i*b + j)*C + c lands at (i, j) of
-    output channel c's b x b cell (not torch's pixel_shuffle, which reads channel c*b*b + i*b + j)."""
+    output channel c's b x b cell (not torch's pixel_shuffle, which reads channel c*b*b + i*b + j).
+    ``keep_channels_last``: a channels-last input gives a channels-last output (the same values); otherwise the
+    output is contiguous NCHW whatever the input's layout."""
     b, c, h, w = x.shape
     c_out = c // (block * block)
+    if keep_channels_last and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # the same rearrangement in NHWC memory, so that a channels-last decoder stays channels-last after it
+        x = x.permute(0, 2, 3, 1).view(b, h, w, block, block, c_out).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, h * block, w * block, c_out).permute(0, 3, 1, 2)
     x = x.view(b, block, block, c_out, h, w).permute(0, 3, 4, 1, 5, 2)
     return x.reshape(b, c_out, h * block, w * block)
 
@@ -111,9 +117,12 @@ class DepthToSpaceUpsample(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, 4 * c, 3, padding=1)
+        # train.channels_last sets it (tokscale.tokenizers.train): the levels after this one stay NHWC. Off, the
+        # output is NCHW as always, so that the default step's arithmetic does not move.
+        self.keep_channels_last = False
 
     def forward(self, x):
-        return depth_to_space(self.conv(x), 2)
+        return depth_to_space(self.conv(x), 2, self.keep_channels_last)
 
 
 def run_block(block: nn.Module, grad_checkpointing: bool, *args):

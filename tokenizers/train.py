@@ -143,6 +143,12 @@ class TokenizerTask(Task):
 
             load_weights(model, cfg.init_from)
         self.quantizer = model.quantizer
+        if cfg.train.channels_last:
+            from tokscale.tokenizers.cnn import DepthToSpaceUpsample
+
+            for module in model.modules():  # the CNN decoder's levels after an upsample stay NHWC too
+                if isinstance(module, DepthToSpaceUpsample):
+                    module.keep_channels_last = True
         return apply_speed_options(model, cfg.train, in_engine=True)
 
     def build_side(self) -> dict:

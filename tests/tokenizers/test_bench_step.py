@@ -172,8 +172,10 @@ def _losses(extra: list[str], steps: int = 2) -> tuple[list[dict[str, float]], s
         ],
     )
     task, engine = build_engine(cfg, init_distributed())
-    layouts = []  # whether the CNN encoder's stem and the discriminator's first convolution ran NHWC
-    for conv in (engine.module.cnn_encoder.conv_in, task.disc.layers[0]):
+    # whether the CNN encoder's stem, the CNN decoder's last convolution (after every upsample) and the
+    # discriminator's first convolution ran NHWC
+    layouts = []
+    for conv in (engine.module.cnn_encoder.conv_in, engine.module.cnn_decoder.conv_out, task.disc.layers[0]):
         conv.register_forward_hook(
             lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
         )
@@ -231,3 +233,17 @@ def test_find_batch_and_memory_cap_need_a_gpu(capsys):
         return
     assert cli_main(["bench", "tokenizer", "2d-tiny", "--find-batch"]) != 0
     assert "--find-batch measures GPU memory and needs a CUDA device" in capsys.readouterr().err
+
+
+def test_depth_to_space_keeps_a_channels_last_input_nhwc_only_when_asked_with_the_same_values():
+    from tokscale.tokenizers.cnn import depth_to_space
+
+    x = torch.randn(2, 4 * 6, 5, 7)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    want = depth_to_space(x)
+    kept = depth_to_space(nhwc, 2, keep_channels_last=True)
+    assert torch.equal(kept, want) and torch.equal(depth_to_space(nhwc), want)
+    assert kept.is_contiguous(memory_format=torch.channels_last) and not kept.is_contiguous()
+    assert depth_to_space(nhwc).is_contiguous()  # the default path: NCHW whatever the input
+    # DCR order: input channel (i * 2 + j) * C + c lands at (i, j) of output channel c's 2 x 2 cell
+    assert kept[1, 3, 2 * 4 + 1, 2 * 6 + 0] == x[1, (1 * 2 + 0) * 6 + 3, 4, 6]
