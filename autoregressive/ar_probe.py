@@ -137,12 +137,27 @@ def _settings(cfg: ArProbeConfig) -> dict:
     return d
 
 
+def check_probe_model(path: str) -> None:
+    """Refuse a model the probe cannot read: a VAR (``schema: var``) predicts a whole scale per step from the
+    previous scales' accumulated features under a block-causal mask, so it has no teacher-forced next-token
+    sequence of its codes for ``GPT.features``. c2i, DetailFlow (its group-causal mask) and converted GPTs pass."""
+    from tokscale.autoregressive.var_sample import is_var_model
+
+    if is_var_model(path):
+        raise ValueError(
+            f"{path} is a VAR (a `tokscale train var` run or export, schema: var): `eval ar-probe` probes a "
+            "next-token GPT (a `tokscale train c2i` or `detailflow` run, or a GPT export); VAR has no linear probe"
+        )
+
+
 def prepare(cfg: ArProbeConfig) -> Path:
-    """Before any process starts: check the GPT/tokenizer pair, refuse a finished or incompatible run_dir (unless
-    ``overwrite``), write the config every rank reads; returns its path."""
+    """Before any process starts: check the model (a GPT, not a VAR) and the GPT/tokenizer pair, refuse a
+    finished or incompatible run_dir (unless ``overwrite``), write the config every rank reads; returns its
+    path."""
     from tokscale.autoregressive.sample_job import check_pair
     from tokscale.config import to_yaml
 
+    check_probe_model(cfg.gpt)
     check_pair(cfg.gpt, cfg.tokenizer)
     if cfg.out:  # a folder of other files is refused; a previous ar-probe output is replaced at the end
         from tokscale.outputs import check_target
@@ -239,6 +254,7 @@ def main(cfg: ArProbeConfig, should_stop=None) -> dict:
     info = init_distributed()
     rank, world = info.rank, info.world_size
     device = info.device if cfg.device == "auto" else torch.device(cfg.device)
+    check_probe_model(cfg.gpt)
     check_pair(cfg.gpt, cfg.tokenizer)
     gpt = load_gpt(cfg.gpt, device, verify=cfg.verify_weights)
     tokenizer = load_tokenizer(cfg.tokenizer, device, verify=cfg.verify_weights).eval()

@@ -12,7 +12,8 @@ The flags build one :class:`tokscale.autoregressive.ar_probe.ArProbeConfig` (plu
 ``data.num_workers=8`` or ``probe.seed=1``), written to ``OUT/ar_probe_config.yaml`` and run by every rank
 (tokscale.autoregressive.ar_probe, where the protocol and its choices are described). The GPT and the tokenizer
 must agree (codebook within the vocabulary, same token count, the tokenizer config hash the GPT's training shards
-recorded), checked before anything starts.
+recorded), checked before anything starts; a VAR run or export is refused (it predicts whole scales, so it has no
+next-token features to probe).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def add_command(esub: argparse._SubParsersAction) -> None:
             "split. A rerun with the same settings resumes after the last finished epoch."
         ),
     )
-    p.add_argument("gpt", help="a `tokscale train c2i` run directory or a GPT export")
+    p.add_argument(
+        "gpt", help="a `tokscale train c2i|detailflow` run directory or a GPT export (a VAR is refused)"
+    )
     p.add_argument("--tokenizer", required=True, help="the tokenizer whose codes the GPT was trained on")
     p.add_argument(
         "--train-data", required=True, help="shards the probe trains on (path, pattern, 'embedded')"

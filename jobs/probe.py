@@ -5,14 +5,22 @@ the AR-probing recipe, its validation loss, gFID and the AR linear probe, then o
         --val-data '/data/in1k/val-{000000..000049}.tar' --reference VIRTUAL_imagenet256_labeled.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --out probes/in1k --nproc 8
     tokscale probe --config PROBE.yaml --out probes/in1k --submit -p gpu --gpus-per-node 8 -t 1440
+    tokscale probe runs/ms-tok runs/vq-tok ... --downstream gpt,var --var-recipe var/var-d16   # + a VAR per tokenizer
     tokscale submit tokscale.jobs.probe OUT/<name>/continuations/after-JOB-0/continuation.yaml ...  # what a chain does
 
 Each stage is a ``tokscale`` command run as a subprocess (``--nproc N`` locally), writing under
 ``OUT/<name>/``: ``recon`` (``eval recon`` on the validation data), ``tokens-train`` and ``tokens-val``
 (``extract``), ``gpt`` (``train c2i RECIPE``: vocabulary and token count from the tokenizer's config, classes
-from the training codes), ``gen`` (``eval gen``) and ``ar-probe`` (``eval ar-probe``). A stage is finished when
+from the training codes), ``gen`` (``eval gen``) and ``ar-probe`` (``eval ar-probe``). ``downstream`` chooses the
+models trained on the codes: ``gpt`` (the three stages above, the default), ``var`` (``--downstream var``, or
+``gpt,var``: then after the GPT's) adds ``var`` (stage ``train-var``: ``train var VAR_RECIPE`` with the vocabulary,
+scales and code width of a ``quantizer.kind=multiscale`` tokenizer and the classes of its codes) and ``gen-var``
+(``eval gen`` of that VAR, with VAR's own sampling by default). A tokenizer that is not multi-scale cannot feed
+a VAR: its VAR stages (and, with ``var`` alone, its extraction) are recorded ``n/a`` with the reason, a warning
+names it, its VAR cells read ``n/a`` and the pipeline goes on. A stage is finished when
 its marker exists (``metrics.json``, ``manifest.json``, a complete checkpoint at ``train.max_steps``,
-``results.json``, ``metrics.json``): a rerun skips it. An unfinished stage is run again with the same command,
+``results.json``, ``metrics.json``; for the VAR's, a checkpoint at its recipe's ``train.max_steps`` and
+``results.json``): a rerun skips it. An unfinished stage is run again with the same command,
 which resumes through the command's own mechanism (finished token shards, the newest checkpoint, finished sample
 chunks, finished probe epochs; reconstruction metrics, minutes even at 50,000 images, are computed again). ``OUT/probe_state.json`` records every stage (status, times, command, log,
 attempts, Slurm job ids); ``OUT/<name>/logs/<stage>.log`` holds each stage's output. A failing stage stops the
@@ -27,9 +35,10 @@ its output. Everything checkable is checked before the first submission (config 
 configs, the reference, the recipe at every tokenizer's sizes, each stage's Slurm request); what depends on an
 earlier stage's output (the GPT/tokenizer pair, the class count) is checked when its stage is submitted.
 
-``OUT/results.csv`` / ``results.md`` (one row per tokenizer; blank where a stage has not run) and
-``OUT/tradeoff.png`` (gFID and probe top-1 against rFID, marker area by tokenizer size) are rewritten whenever a
-tokenizer finishes or the pipeline stops.
+``OUT/results.csv`` / ``results.md`` (one row per tokenizer; the columns of the downstream models asked for;
+blank where a stage has not run, n/a where it cannot) and ``OUT/tradeoff.png`` (gFID and probe top-1 against rFID,
+marker area by tokenizer size; a VAR's gFID a square) are rewritten whenever a tokenizer finishes or the pipeline
+stops.
 """
 
 from __future__ import annotations
@@ -54,7 +63,12 @@ from tokscale.jobs.config import JobConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("recon", "extract-train", "extract-val", "train", "gen", "ar-probe")
+# the tokenizer's own stages: every downstream model uses them
+CODE_STAGES = ("recon", "extract-train", "extract-val")
+# each downstream model's stages, in the order they run (after CODE_STAGES, the GPT's before the VAR's)
+DOWNSTREAM_STAGES = {"gpt": ("train", "gen", "ar-probe"), "var": ("train-var", "gen-var")}
+STAGES = (*CODE_STAGES, *DOWNSTREAM_STAGES["gpt"], *DOWNSTREAM_STAGES["var"])
+TRAIN_STAGES = {"train": "c2i", "train-var": "var"}  # the trainer each training stage runs
 FOLDERS = {
     "recon": "recon",
     "extract-train": "tokens-train",
@@ -62,19 +76,24 @@ FOLDERS = {
     "train": "gpt",
     "gen": "gen",
     "ar-probe": "ar-probe",
+    "train-var": "var",
+    "gen-var": "gen-var",
 }
-MARKERS = {  # the file a finished stage leaves (train: a complete checkpoint at max_steps instead)
+MARKERS = {  # the file a finished stage leaves (train, train-var: a complete checkpoint at max_steps instead)
     "recon": "metrics.json",
     "extract-train": "manifest.json",
     "extract-val": "manifest.json",
     "gen": "results.json",
     "ar-probe": "metrics.json",
+    "gen-var": "results.json",
 }
+NOT_APPLICABLE = "n/a"  # the status (and table cell) of a stage that cannot run for a tokenizer
 CONTINUATION = "continuation"
 STATE_NAME, CONFIG_NAME = "probe_state.json", "probe_config.yaml"
 STATE_FORMAT = "tokscale-probe-state/1"
 # the pipeline sets these c2i keys itself: a recipe override of them would move the outputs it checks
 RESERVED_RECIPE_KEYS = ("run_dir", "data.train_tokens", "data.val_tokens")
+RESERVED_VAR_KEYS = (*RESERVED_RECIPE_KEYS, "tokenizer")  # and the VAR's: the tokenizer its codes come from
 # Slurm states in which a stage's job may still write its output (it is queued, running or requeued)
 ACTIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -119,6 +138,12 @@ class GenStageConfig:
     overrides: list[str] = field(default_factory=list)  # `eval gen` dotlist, e.g. is_splits=10
 
 
+def var_gen_defaults() -> GenStageConfig:
+    """VAR's own sampling for its FID (its README): VAR's cfg 1.5 (t = s - 1, so cfg_scale 2.5) on its linear ramp
+    over scales, top-k 900, top-p 0.96, 50 samples per class."""
+    return GenStageConfig(cfg_scale=2.5, cfg_schedule="linear", top_k=900, top_p=0.96, class_rule="balanced")
+
+
 @dataclass
 class ArProbeStageConfig:
     epochs: int = 90
@@ -143,13 +168,19 @@ class ProbePipelineConfig:
     inception_weights: str = ""
     recipe: str = "c2i/gigatok-probe-B"
     recipe_overrides: list[str] = field(default_factory=list)  # c2i dotlist, e.g. data.batch_size=32
-    num_classes: int = 0  # the GPT's classes; 0: the largest training label + 1
-    last_stage: str = ""  # stop after this stage ("": run all of STAGES)
+    num_classes: int = 0  # the GPT's (and the VAR's) classes; 0: the largest training label + 1
+    # the models trained on each tokenizer's codes: gpt (train, gen, ar-probe) and/or var (train-var, gen-var; a
+    # multi-scale tokenizer's codes only: the VAR stages of any other tokenizer are "n/a")
+    downstream: list[str] = field(default_factory=lambda: ["gpt"])
+    var_recipe: str = "var/var-d16"
+    var_recipe_overrides: list[str] = field(default_factory=list)  # var dotlist, e.g. data.batch_size=32
+    last_stage: str = ""  # stop after this stage ("": run all of the downstream's stages)
     nproc: int = 1  # local processes per stage (ignored under --submit: each job's own tasks)
     recon: ReconStageConfig = field(default_factory=ReconStageConfig)
     extract: ExtractStageConfig = field(default_factory=ExtractStageConfig)
     gen: GenStageConfig = field(default_factory=GenStageConfig)
     ar_probe: ArProbeStageConfig = field(default_factory=ArProbeStageConfig)
+    gen_var: GenStageConfig = field(default_factory=var_gen_defaults)  # the VAR's `eval gen`
     job: JobConfig = field(default_factory=JobConfig)  # every stage's Slurm request ...
     stage_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... and per stage / continuation
     max_attempts: int = 1  # submissions of one stage before a continuation gives up on it
@@ -157,7 +188,10 @@ class ProbePipelineConfig:
     def __post_init__(self):
         from tokscale.tokenizers.extract import AUGS
 
-        for key in ("out", "train_data", "val_data", "reference", "inception_weights", "recipe"):
+        self._check_downstream()
+        required = ("out", "train_data", "val_data", "reference", "inception_weights")
+        required += ("recipe",) * ("gpt" in self.downstream) + ("var_recipe",) * ("var" in self.downstream)
+        for key in required:
             if not getattr(self, key):
                 raise ValueError(f"{key} is empty: expected a path (--{key.replace('_', '-')})")
         entries = self.entries()  # checks each entry
@@ -172,8 +206,11 @@ class ProbePipelineConfig:
                 f"tokenizers: the name(s) {dupes} are used twice (a name defaults to the folder's name); give "
                 "them names in the config: tokenizers: [{name: a, path: ...}, ...]"
             )
-        if self.last_stage and self.last_stage not in STAGES:
-            raise ValueError(f"last_stage={self.last_stage!r}: expected one of {STAGES} (or '' for all)")
+        if self.last_stage and self.last_stage not in self.stages(every=True):
+            raise ValueError(
+                f"last_stage={self.last_stage!r}: expected one of the stages of downstream {self.downstream}: "
+                f"{self.stages(every=True)} (or '' for all)"
+            )
         for key, value in (
             ("extract.train_aug", self.extract.train_aug),
             ("extract.val_aug", self.extract.val_aug),
@@ -185,18 +222,44 @@ class ProbePipelineConfig:
                 f"nproc={self.nproc} and max_attempts={self.max_attempts} must be >= 1, num_classes="
                 f"{self.num_classes} >= 0"
             )
-        for item in self.recipe_overrides:
-            key = item.partition("=")[0]
-            if "=" not in item:
-                raise ValueError(f"recipe_overrides item {item!r} is not KEY=VALUE (e.g. data.batch_size=32)")
-            if key in RESERVED_RECIPE_KEYS:
-                raise ValueError(
-                    f"recipe_overrides: {key} is set by the pipeline (OUT/<name>/...); remove it"
-                )
+        for name, items, reserved in (
+            ("recipe_overrides", self.recipe_overrides, RESERVED_RECIPE_KEYS),
+            ("var_recipe_overrides", self.var_recipe_overrides, RESERVED_VAR_KEYS),
+        ):
+            for item in items:
+                key = item.partition("=")[0]
+                if "=" not in item:
+                    raise ValueError(f"{name} item {item!r} is not KEY=VALUE (e.g. data.batch_size=32)")
+                if key in reserved:
+                    raise ValueError(f"{name}: {key} is set by the pipeline (OUT/<name>/...); remove it")
         for stage in self.stage_jobs:
             if stage not in (*STAGES, CONTINUATION):
                 raise ValueError(f"stage_jobs.{stage}: expected one of {(*STAGES, CONTINUATION)}")
             self.job_for(stage)  # bad fields or values fail here, naming them
+
+    def _check_downstream(self) -> None:
+        items = [str(d) for d in self.downstream]
+        if not items:
+            raise ValueError(
+                f"downstream is empty: expected one or more of {list(DOWNSTREAM_STAGES)}, e.g. [gpt, var]"
+            )
+        for item in items:
+            if item not in DOWNSTREAM_STAGES:
+                raise ValueError(
+                    f"downstream: {item!r} is not a downstream model; expected {list(DOWNSTREAM_STAGES)}"
+                )
+        dupes = sorted({d for d in items if items.count(d) > 1})
+        if dupes:
+            raise ValueError(f"downstream={items}: {dupes} named twice; name each model once")
+
+    def stages(self, every: bool = False) -> tuple[str, ...]:
+        """The stages the downstream models need, in order, up to ``last_stage`` (``every``: all of them)."""
+        chosen = [*CODE_STAGES]
+        for model in DOWNSTREAM_STAGES:  # in STAGES order, whatever the order of ``downstream``
+            chosen += DOWNSTREAM_STAGES[model] if model in self.downstream else ()
+        if self.last_stage and not every:
+            chosen = chosen[: chosen.index(self.last_stage) + 1]
+        return tuple(chosen)
 
     def entries(self) -> list[tuple[str, str]]:
         """(name, path) of every tokenizer; a bare path is named after its folder."""
@@ -257,6 +320,11 @@ class TokenizerPlan:
     codebook_size: int
     num_tokens: int
     params: int
+    # a multi-scale tokenizer's scales (quantizer.kind=multiscale), else []
+    scales: list[int] = field(default_factory=list)
+    code_dim: int = 0
+    # stage -> why it cannot run for this tokenizer (its status and table cells: n/a)
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
     def stage_dir(self, stage: str) -> Path:
         return self.folder / FOLDERS[stage]
@@ -272,6 +340,7 @@ class Plan:
     tokenizers: list[TokenizerPlan]
     stages: tuple[str, ...]
     max_steps: int  # the recipe's train.max_steps: a checkpoint there finishes the train stage
+    var_max_steps: int = 0  # the VAR recipe's: a checkpoint there finishes train-var
 
     @property
     def config_path(self) -> Path:
@@ -312,16 +381,59 @@ def train_overrides(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: i
     ]
 
 
-def c2i_config(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int):
-    from tokscale.autoregressive.train import C2ITask
+def var_overrides(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int) -> list[str]:
+    """The var dotlist of one (multi-scale) tokenizer's VAR: its folders, tokenizer and sizes, then the
+    VAR recipe overrides."""
+    return [
+        f"run_dir={tok.stage_dir('train-var')}",
+        f"data.train_tokens={tok.stage_dir('extract-train')}",
+        f"data.val_tokens={tok.stage_dir('extract-val')}",
+        f"tokenizer={tok.path}",
+        f"model.vocab_size={tok.codebook_size}",
+        f"model.scales=[{','.join(map(str, tok.scales))}]",
+        f"model.code_dim={tok.code_dim}",
+        f"model.num_classes={num_classes}",
+        *cfg.var_recipe_overrides,
+    ]
+
+
+def recipe_config(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int, stage: str = "train"):
+    """The training config the ``train`` (c2i) or ``train-var`` (var) stage of this tokenizer will run."""
     from tokscale.config import ConfigError
 
+    if stage == "train":
+        from tokscale.autoregressive.train import C2ITask as task
+
+        key, recipe, overrides = "recipe", cfg.recipe, train_overrides(cfg, tok, num_classes)
+    else:
+        from tokscale.autoregressive.var_train import VARTask as task
+
+        key, recipe, overrides = "var_recipe", cfg.var_recipe, var_overrides(cfg, tok, num_classes)
     try:
-        return C2ITask.load_config(cfg.recipe, train_overrides(cfg, tok, num_classes))
+        return task.load_config(recipe, overrides)
     except ConfigError as err:
         raise ConfigError(
-            f"recipe {cfg.recipe} (with recipe_overrides) for tokenizer {tok.name!r}: {err}"
+            f"{key} {recipe} (with {key}_overrides) for tokenizer {tok.name!r}: {err}"
         ) from None
+
+
+def c2i_config(cfg: ProbePipelineConfig, tok: TokenizerPlan, num_classes: int):
+    return recipe_config(cfg, tok, num_classes, "train")
+
+
+def _not_applicable(cfg: ProbePipelineConfig, name: str, kind: str, multiscale: bool) -> dict[str, str]:
+    """The stages a tokenizer cannot run, and why: the VAR's when it is not multi-scale (and the extraction too
+    when no other downstream model needs its codes)."""
+    if "var" not in cfg.downstream or multiscale:
+        return {}
+    why = (
+        f"tokenizer {name!r} is not multi-scale (quantizer.kind={kind!r}); a VAR needs the codes of a "
+        "quantizer.kind=multiscale tokenizer"
+    )
+    unused = f"{why}, and no other downstream model uses its codes"
+    out = {} if "gpt" in cfg.downstream else dict.fromkeys(("extract-train", "extract-val"), unused)
+    out.update(dict.fromkeys(DOWNSTREAM_STAGES["var"], why))  # in STAGES order
+    return out
 
 
 def make_plan(cfg: ProbePipelineConfig, submit: bool = False, check_cluster: bool = False) -> Plan:
@@ -347,29 +459,52 @@ def make_plan(cfg: ProbePipelineConfig, submit: bool = False, check_cluster: boo
     toks = []
     for name, path in cfg.entries():
         tcfg = model_config_from(path)  # a folder without a tokenizer config fails here, naming it
+        q = tcfg.quantizer
+        multiscale = getattr(q, "kind", "vq") == "multiscale"
         toks.append(
             TokenizerPlan(
                 name=name,
                 path=str(Path(path).resolve()),
                 folder=out / name,
-                codebook_size=tcfg.quantizer.codebook_size,
+                codebook_size=q.codebook_size,
                 num_tokens=tcfg.tokens,
                 params=tokenizer_params(path),
+                scales=[int(p) for p in q.scales] if multiscale else [],
+                code_dim=q.code_dim,
+                not_applicable=_not_applicable(cfg, name, getattr(q, "kind", "vq"), multiscale),
             )
         )
-    max_steps = 0
-    for tok in toks:  # the recipe at every tokenizer's sizes (the class count is checked with its codes)
-        c2i = c2i_config(cfg, tok, cfg.num_classes or 1)
-        max_steps, every = c2i.train.max_steps, c2i.eval.every_steps
-        if every <= 0 or max_steps % every:
-            raise ConfigError(
-                f"recipe {cfg.recipe}: eval.every_steps={every} does not divide train.max_steps={max_steps}, so "
-                "the GPT would not log val/loss_ce at its last step; add the recipe override eval.every_steps=N "
-                f"with N dividing {max_steps}"
+    if cfg.downstream == ["var"] and all(tok.not_applicable for tok in toks):
+        raise ValueError(
+            f"downstream=[var], but none of the tokenizers {[t.name for t in toks]} is multi-scale "
+            "(quantizer.kind=multiscale): no VAR could be trained; add downstream gpt or a multi-scale tokenizer"
+        )
+    max_steps = {"train": 0, "train-var": 0}
+    for tok in toks:  # the recipes at every tokenizer's sizes (the class count is checked with its codes)
+        for stage, model in (("train", "gpt"), ("train-var", "var")):
+            if model not in cfg.downstream or stage in tok.not_applicable:
+                continue
+            run = recipe_config(cfg, tok, cfg.num_classes or 1, stage)
+            key = "recipe" if stage == "train" else "var_recipe"
+            max_steps[stage], every = run.train.max_steps, run.eval.every_steps
+            if every <= 0 or max_steps[stage] % every:
+                raise ConfigError(
+                    f"{key} {getattr(cfg, key)}: eval.every_steps={every} does not divide train.max_steps="
+                    f"{max_steps[stage]}, so the {model.upper()} would not log val/loss_ce at its last step; add "
+                    f"the {key} override eval.every_steps=N with N dividing {max_steps[stage]}"
+                )
+            check_global_batch(run, cfg.job_for(stage).world_size if submit else cfg.nproc)
+            if stage == "train-var":  # what load_quantizer checks when the VAR starts, checked now
+                _check_var_sizes(run.model, tok)
+    for tok in toks:  # one line a tokenizer: its VAR stages (and unused extraction) are n/a, the rest goes on
+        if tok.not_applicable:
+            why = tok.not_applicable[DOWNSTREAM_STAGES["var"][0]]
+            log.warning(
+                "%s: stages %s are %s: %s", tok.name, ", ".join(tok.not_applicable), NOT_APPLICABLE, why
             )
-        check_global_batch(c2i, cfg.job_for("train").world_size if submit else cfg.nproc)
-    last = STAGES.index(cfg.last_stage) + 1 if cfg.last_stage else len(STAGES)
-    plan = Plan(cfg, out, toks, STAGES[:last], max_steps=max_steps)
+    plan = Plan(
+        cfg, out, toks, cfg.stages(), max_steps=max_steps["train"], var_max_steps=max_steps["train-var"]
+    )
     _check_stage_overrides(plan)
     if submit and check_cluster:
         from tokscale.jobs.cluster import validate
@@ -384,43 +519,86 @@ def make_plan(cfg: ProbePipelineConfig, submit: bool = False, check_cluster: boo
     return plan
 
 
+def _check_var_sizes(model, tok: TokenizerPlan) -> None:
+    """The VAR's scales, code width and vocabulary after the var_recipe_overrides against the tokenizer's."""
+    from tokscale.config import ConfigError
+
+    for key, have, want in (
+        ("scales", list(model.scales), tok.scales),
+        ("code_dim", model.code_dim, tok.code_dim),
+    ):
+        if have != want:
+            raise ConfigError(
+                f"var_recipe_overrides: model.{key}={have}, but tokenizer {tok.name!r} has quantizer.{key}={want} "
+                "(the pipeline sets it from the tokenizer); remove the override"
+            )
+    if model.vocab_size < tok.codebook_size:
+        raise ConfigError(
+            f"var_recipe_overrides: model.vocab_size={model.vocab_size} is below tokenizer {tok.name!r}'s "
+            f"codebook_size {tok.codebook_size}; remove the override"
+        )
+
+
 def _check_stage_overrides(plan: Plan) -> None:
     """Each command's config from the stage's settings and overrides, as the command will build it (paths are
     placeholders: they name outputs not made yet), so that a bad value or key fails now, not hours later."""
     from tokscale.autoregressive.ar_probe import ArProbeConfig
     from tokscale.autoregressive.gen_eval import GenEvalConfig
+    from tokscale.autoregressive.var_sample import var_sample_config
     from tokscale.config import ConfigError, load_config
     from tokscale.tokenizers.eval_runner import EvalJobConfig
 
     cfg, x = plan.cfg, "/placeholder"
-    r, g, a = cfg.recon, cfg.gen, cfg.ar_probe
+    r, a = cfg.recon, cfg.ar_probe
     recon = ["task=recon", f"tokenizer={x}", f"data.eval_shards={x}", f"eval.num_samples={r.num_samples}"]
     recon += [f"eval.batch_size={r.batch_size}"]
-    gen = [f"{k}={x}" for k in ("gpt", "tokenizer", "reference", "out", "inception_weights")]
-    gen += [f"num_samples={g.num_samples}", f"batch_size={g.batch_size}", f"class_rule={g.class_rule}"]
-    gen += [f"precision={g.precision}", f"search_samples={g.search_samples}", f"seed={g.seed}"]
-    gen += [f"sample.{k}={getattr(g, k)}" for k in ("cfg_scale", "cfg_schedule", "cfg_start_ratio")]
-    gen += [f"sample.{k}={getattr(g, k)}" for k in ("temperature", "top_k", "top_p")]
-    gen += [f"cfg_search={g.cfg_search}"] if g.cfg_search else []
+
+    def gen(g: GenStageConfig) -> list[str]:
+        out = [f"{k}={x}" for k in ("gpt", "tokenizer", "reference", "out", "inception_weights")]
+        out += [f"num_samples={g.num_samples}", f"batch_size={g.batch_size}", f"class_rule={g.class_rule}"]
+        out += [f"precision={g.precision}", f"search_samples={g.search_samples}", f"seed={g.seed}"]
+        out += [f"sample.{k}={getattr(g, k)}" for k in ("cfg_scale", "cfg_schedule", "cfg_start_ratio")]
+        out += [f"sample.{k}={getattr(g, k)}" for k in ("temperature", "top_k", "top_p")]
+        return out + ([f"cfg_search={g.cfg_search}"] if g.cfg_search else [])
+
     probe = [f"gpt={x}", f"tokenizer={x}", f"data.train_shards={x}", f"data.eval_shards={x}"]
     probe += [f"probe.{k}={getattr(a, k)}" for k in ("epochs", "warmup_epochs", "batch_size")]
     probe += [f"precision={a.precision}", f"num_train={a.num_train}", f"num_val={a.num_val}"]
     probe += [f"data.batch_size={a.forward_batch}"] if a.forward_batch else []
-    checks = (("recon", EvalJobConfig, recon, r.overrides), ("gen", GenEvalConfig, gen, g.overrides))
-    for key, schema, base, overrides in (*checks, ("ar_probe", ArProbeConfig, probe, a.overrides)):
+    checks = [
+        ("recon", EvalJobConfig, recon, r.overrides),
+        ("gen", GenEvalConfig, gen(cfg.gen), cfg.gen.overrides),
+    ]
+    checks.append(("ar_probe", ArProbeConfig, probe, a.overrides))
+    if "var" in cfg.downstream:
+        checks.append(("gen_var", GenEvalConfig, gen(cfg.gen_var), cfg.gen_var.overrides))
+    for key, schema, base, overrides in checks:
         try:
-            load_config(schema, None, base + list(overrides))
-        except ConfigError as err:
+            loaded = load_config(schema, None, base + list(overrides))
+            if key == "gen_var":  # what a VAR samples with: a step schedule or a token interval is refused
+                var_sample_config(loaded.sample, loaded.var)
+        except (ConfigError, ValueError) as err:
             raise ConfigError(f"{key} (its settings and {key}.overrides): {err}") from None
+        g = getattr(cfg, key)
+        if (
+            key.startswith("gen")
+            and g.class_rule == "balanced"
+            and cfg.num_classes
+            and g.num_samples % cfg.num_classes
+        ):
+            raise ConfigError(
+                f"{key}.class_rule=balanced needs {key}.num_samples={g.num_samples} a multiple of num_classes="
+                f"{cfg.num_classes}"
+            )
 
 
 # -- stages ---------------------------------------------------------------------------------------------------------
 def stage_finished(plan: Plan, tok: TokenizerPlan, stage: str) -> bool:
-    if stage == "train":
+    if stage in TRAIN_STAGES:
         from tokscale.checkpoint import latest_checkpoint
 
         found = latest_checkpoint(tok.stage_dir(stage))
-        return found is not None and found[0] >= plan.max_steps
+        return found is not None and found[0] >= (plan.max_steps if stage == "train" else plan.var_max_steps)
     return (tok.stage_dir(stage) / MARKERS[stage]).is_file()
 
 
@@ -463,16 +641,21 @@ def stage_argv(plan: Plan, tok: TokenizerPlan, stage: str, job_config: Path | No
         argv = ["extract", tok.path, str(d), "--data", train if is_train else val, "--aug", aug]
         argv += ["--split", "train" if is_train else "eval", "--batch-size", str(cfg.extract.batch_size)]
         return argv + run
-    if stage == "train":
+    if stage in TRAIN_STAGES:
         num_classes = cfg.num_classes or token_num_classes(tok.stage_dir("extract-train"))
-        overrides = train_overrides(cfg, tok, num_classes)
+        trainer = TRAIN_STAGES[stage]
+        recipe, overrides = (
+            (cfg.recipe, train_overrides(cfg, tok, num_classes))
+            if stage == "train"
+            else (cfg.var_recipe, var_overrides(cfg, tok, num_classes))
+        )
         if job_config:
-            return ["submit", "c2i", cfg.recipe, *overrides, "--job-config", str(job_config), "--json"]
-        return ["train", "c2i", cfg.recipe, *overrides, "--nproc", str(cfg.nproc)]
-    gpt = str(tok.stage_dir("train"))
-    if stage == "gen":
-        g = cfg.gen
-        argv = ["eval", "gen", gpt, *g.overrides, "--tokenizer", tok.path, "--reference", ref]
+            return ["submit", trainer, recipe, *overrides, "--job-config", str(job_config), "--json"]
+        return ["train", trainer, recipe, *overrides, "--nproc", str(cfg.nproc)]
+    if stage in ("gen", "gen-var"):  # the GPT's or the VAR's samples, each with its own settings
+        g = cfg.gen if stage == "gen" else cfg.gen_var
+        model = str(tok.stage_dir("train" if stage == "gen" else "train-var"))
+        argv = ["eval", "gen", model, *g.overrides, "--tokenizer", tok.path, "--reference", ref]
         argv += ["--inception-weights", weights, "--out", str(d), "--num-samples", str(g.num_samples)]
         argv += ["--batch-size", str(g.batch_size), "--class-rule", g.class_rule, "--seed", str(g.seed)]
         argv += ["--cfg-scale", str(g.cfg_scale), "--cfg-schedule", g.cfg_schedule]
@@ -482,6 +665,7 @@ def stage_argv(plan: Plan, tok: TokenizerPlan, stage: str, job_config: Path | No
             ["--cfg-search", g.cfg_search, "--search-samples", str(g.search_samples)] if g.cfg_search else []
         )
         return argv + run
+    gpt = str(tok.stage_dir("train"))
     a = cfg.ar_probe
     argv = ["eval", "ar-probe", gpt, *a.overrides, "--tokenizer", tok.path, "--train-data", train]
     argv += ["--eval-data", val, "--out", str(d), "--epochs", str(a.epochs)]
@@ -656,7 +840,17 @@ def run_local(plan: Plan, argv: list[str]) -> dict:
     return summary(plan)
 
 
+def _mark_not_applicable(tok: TokenizerPlan, stage: str, s: dict) -> None:
+    if s.get("status") != NOT_APPLICABLE:
+        s.clear()  # nothing of an earlier record applies
+        s.update(status=NOT_APPLICABLE, reason=tok.not_applicable[stage], at=_now())
+
+
 def _run_stage(plan: Plan, tok: TokenizerPlan, stage: str, s: dict, state: dict) -> None:
+    if stage in tok.not_applicable:
+        _mark_not_applicable(tok, stage, s)
+        write_state(plan.out, state)
+        return
     if stage_finished(plan, tok, stage):
         _found_finished(s, submitted_chain=False)
         log.info("%s %s: finished before, skipped", tok.name, stage)
@@ -759,6 +953,9 @@ def _advance(plan: Plan, tok: TokenizerPlan, rec: dict, follows: str | None, sta
     continuation = follows is not None
     for stage in plan.stages:
         s = rec["stages"].setdefault(stage, {})
+        if stage in tok.not_applicable:
+            _mark_not_applicable(tok, stage, s)
+            continue
         if stage_finished(plan, tok, stage):
             _found_finished(s, submitted_chain=True)
             continue
@@ -904,7 +1101,13 @@ ROW_KEYS = (
     "precision",
     "recall",
     "probe_top1",
-)  # fmt: skip (tokscale.jobs.probe_cli.COLUMNS: their headers and formats)
+    "var_val_loss",
+    "var_gfid",
+    "var_is",
+    "var_precision",
+    "var_recall",
+)  # fmt: skip (tokscale.jobs.probe_cli.COLUMNS and VAR_COLUMNS: their headers and formats)
+VAR_KEYS = ROW_KEYS[-5:]
 
 
 def _read_json(path: Path) -> dict:
@@ -927,7 +1130,8 @@ def last_val_loss(run_dir: Path) -> float | None:
 
 
 def result_row(plan: Plan, tok: TokenizerPlan) -> dict:
-    """One tokenizer's numbers, from the outputs of its finished stages only (None where a stage has not run)."""
+    """One tokenizer's numbers, from the outputs of its finished stages only (None where a stage has not run,
+    "n/a" where it cannot: the VAR's of a tokenizer that is not multi-scale)."""
     row = dict.fromkeys(ROW_KEYS)
     row.update(tokenizer=tok.name, params=tok.params)
     done = {stage: stage_finished(plan, tok, stage) for stage in STAGES}
@@ -937,21 +1141,34 @@ def result_row(plan: Plan, tok: TokenizerPlan) -> dict:
     if done["train"]:
         row["ar_val_loss"] = last_val_loss(tok.stage_dir("train"))
     if done["gen"]:
-        g = _read_json(tok.stage_dir("gen") / "results.json")
-        row.update(gfid=g.get("fid"), precision=g.get("precision"), recall=g.get("recall"))
-        row["is"] = g.get("is_mean")
+        row.update(_gen_metrics(tok.stage_dir("gen")))
     if done["ar-probe"]:
         row["probe_top1"] = _read_json(tok.stage_dir("ar-probe") / "metrics.json").get("top1")
+    if "train-var" in tok.not_applicable:
+        row.update(dict.fromkeys(VAR_KEYS, NOT_APPLICABLE))
+        return row
+    if done["train-var"]:
+        row["var_val_loss"] = last_val_loss(tok.stage_dir("train-var"))
+    if done["gen-var"]:
+        row.update({f"var_{k}": v for k, v in _gen_metrics(tok.stage_dir("gen-var")).items()})
     return row
+
+
+def _gen_metrics(folder: Path) -> dict:
+    """gFID, IS, precision and recall from an `eval gen` folder's results.json (None where missing)."""
+    g = _read_json(folder / "results.json")
+    return {"gfid": g.get("fid"), "is": g.get("is_mean"), "precision": g.get("precision"), "recall": g.get("recall")}
 
 
 def write_results(plan: Plan) -> dict[str, str]:
     """OUT/results.csv, OUT/results.md and OUT/tradeoff.png from what is finished now."""
-    from tokscale.jobs.probe_cli import write_report
+    from tokscale.jobs.probe_cli import report_columns, write_report
 
+    cfg = plan.cfg
     rows = [result_row(plan, tok) for tok in plan.tokenizers]
-    title = f"Tokenizer probe: {plan.cfg.recipe} on {plan.cfg.train_data}"
-    return write_report(rows, plan.out, title)
+    recipes = [cfg.recipe] * ("gpt" in cfg.downstream) + [cfg.var_recipe] * ("var" in cfg.downstream)
+    title = f"Tokenizer probe: {' + '.join(recipes)} on {cfg.train_data}"
+    return write_report(rows, plan.out, title, report_columns(cfg.downstream))
 
 
 def summary(plan: Plan) -> dict:

@@ -7,11 +7,13 @@ gFID -> AR probe, here or as chains of Slurm jobs, and the report: one results t
         --recipe-override data.batch_size=32
     tokscale probe --config probes.yaml --out probes/in1k --submit -p gpu --gpus-per-node 8 -t 1440
     tokscale probe ... gen.num_samples=10000 ar_probe.epochs=10 stage_jobs.train.nodes=4     # KEY=VALUE overrides
+    tokscale probe runs/ms-tok ... --downstream gpt,var --var-recipe-override data.batch_size=48   # + a VAR
 
 Positional TOKENIZER items are run directories or exports (named after their folder; they replace the config's
 ``tokenizers``); positional KEY=VALUE items are dotlist overrides of
 :class:`tokscale.jobs.probe.ProbePipelineConfig`; ``--recipe-override`` items are added to its
-``recipe_overrides`` (the c2i dotlist). The Slurm flags set ``job`` (every stage's request; ``stage_jobs.<stage>``
+``recipe_overrides`` (the c2i dotlist), ``--var-recipe-override`` items to ``var_recipe_overrides``;
+``--downstream gpt,var`` sets ``downstream`` (the VAR's stages and columns). The Slurm flags set ``job`` (every stage's request; ``stage_jobs.<stage>``
 changes one stage's). The pipeline itself is tokscale.jobs.probe; this module parses the command and draws the
 report (``OUT/results.csv``, ``OUT/results.md``, ``OUT/tradeoff.png``).
 """
@@ -41,7 +43,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
             "tokscale probe TOKENIZER [TOKENIZER ...] --train-data SHARDS --val-data SHARDS --reference REF.npz "
             "--inception-weights PTH --out DIR [--recipe c2i/gigatok-probe-B] [--config PROBE.yaml] [KEY=VALUE ...] "
             "[--nproc N | --submit + Slurm flags]. For each tokenizer: eval recon -> extract (train, val) -> "
-            "train c2i -> eval gen -> eval ar-probe, under DIR/<name>/. Finished stages are skipped; a rerun "
+            "train c2i -> eval gen -> eval ar-probe (--downstream gpt, the default; --downstream gpt,var adds "
+            "train var -> eval gen for each multi-scale tokenizer, n/a for the others), under DIR/<name>/. "
+            "Finished stages are skipped; a rerun "
             "resumes the stage it stopped in. Writes DIR/probe_state.json, DIR/<name>/logs/<stage>.log, "
             "DIR/results.csv, DIR/results.md and DIR/tradeoff.png. With --submit: a chain of Slurm jobs per "
             "tokenizer, each stage followed by a continuation job that submits the next."
@@ -69,6 +73,21 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="c2i override added to recipe_overrides, repeatable (e.g. data.batch_size=32)",
     )
+    p.add_argument(
+        "--downstream",
+        default=None,
+        metavar="MODELS",
+        help="the models trained on each tokenizer's codes, comma-separated: gpt (default), var (a multi-scale "
+        "tokenizer's: train var + eval gen; n/a for any other tokenizer) or gpt,var",
+    )
+    p.add_argument("--var-recipe", default=None, help="var recipe (default var/var-d16)")
+    p.add_argument(
+        "--var-recipe-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="var override added to var_recipe_overrides, repeatable (e.g. data.batch_size=32)",
+    )
     p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage (last_stage)")
     p.add_argument("--nproc", type=int, default=None, help="local processes per stage (default 1)")
     slurm = p.add_argument_group("Slurm (a chain of jobs per tokenizer instead of running here)")
@@ -91,19 +110,25 @@ def dotlist_from_args(args: argparse.Namespace) -> list[str]:
     dot = []
     for attr, key in (("train_data", "train_data"), ("val_data", "val_data"), ("reference", "reference"),
                       ("inception_weights", "inception_weights"), ("out", "out"), ("recipe", "recipe"),
-                      ("until", "last_stage")):  # fmt: skip
+                      ("var_recipe", "var_recipe"), ("until", "last_stage")):  # fmt: skip
         if getattr(args, attr):
             dot.append(f"{key}={_quoted(getattr(args, attr))}")
+    if args.downstream is not None:  # checked by the config: an unknown, empty or repeated model is an error
+        dot.append(f"downstream={_quoted([item.strip() for item in args.downstream.split(',')])}")
     if args.nproc is not None:
         dot.append(f"nproc={args.nproc}")
     tokenizers = [item for item in args.items if "=" not in item]
     if tokenizers:
         dot.append(f"tokenizers={_quoted(tokenizers)}")
-    if args.recipe_override:
-        base = []
-        if args.config:
-            base = list(load_yaml(resolve_config_path(args.config)).get("recipe_overrides", None) or [])
-        dot.append(f"recipe_overrides={_quoted([str(x) for x in base] + list(args.recipe_override))}")
+    for key, added in (
+        ("recipe_overrides", args.recipe_override),
+        ("var_recipe_overrides", args.var_recipe_override),
+    ):
+        if added:
+            base = []
+            if args.config:
+                base = list(load_yaml(resolve_config_path(args.config)).get(key, None) or [])
+            dot.append(f"{key}={_quoted([str(x) for x in base] + list(added))}")
     if args.job_config:
         from omegaconf import OmegaConf
 
@@ -160,6 +185,32 @@ COLUMNS = (  # (CSV key, Markdown header, format)
     ("recall", "recall", "{:.3f}"),
     ("probe_top1", "probe top-1 (%)", "{:.2f}"),
 )
+VAR_COLUMNS = (  # with downstream var: the VAR's, from train-var and gen-var
+    ("var_val_loss", "VAR val loss", "{:.4f}"),
+    ("var_gfid", "VAR gFID", "{:.2f}"),
+    ("var_is", "VAR IS", "{:.2f}"),
+    ("var_precision", "VAR precision", "{:.3f}"),
+    ("var_recall", "VAR recall", "{:.3f}"),
+)
+TOKENIZER_COLUMNS = 5  # tokenizer, params, rFID, PSNR, usage: every downstream's table starts with them
+
+
+def report_columns(downstream) -> tuple:
+    """The table's columns for these downstream models: the tokenizer's, then the GPT's and/or the VAR's."""
+    out = COLUMNS[:TOKENIZER_COLUMNS]
+    out += COLUMNS[TOKENIZER_COLUMNS:] if "gpt" in downstream else ()
+    return out + (VAR_COLUMNS if "var" in downstream else ())
+
+
+def _cell(value, fmt: str) -> str:
+    """None: blank (not run yet); a string ("n/a": cannot run for this tokenizer) as it is; else formatted."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else fmt.format(value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _replace(path: Path, write) -> None:
@@ -169,20 +220,20 @@ def _replace(path: Path, write) -> None:
     tmp.replace(path)
 
 
-def write_report(rows: list[dict], out: Path, title: str) -> dict[str, str]:
+def write_report(rows: list[dict], out: Path, title: str, columns: tuple = COLUMNS) -> dict[str, str]:
     """``out/results.csv`` (raw values: usage a fraction, top-1 in %), ``out/results.md`` (formatted) and
-    ``out/tradeoff.png``; a value of None is a blank cell."""
+    ``out/tradeoff.png``; a value of None is a blank cell, "n/a" stays "n/a"."""
     out = Path(out)
 
     def write_csv(path: Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow([key for key, _, _ in COLUMNS])
+            writer.writerow([key for key, _, _ in columns])
             for row in rows:
-                writer.writerow(["" if row[k] is None else row[k] for k, _, _ in COLUMNS])
+                writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in columns])
 
     _replace(out / "results.csv", write_csv)
-    header = [h for _, h, _ in COLUMNS]
+    header = [h for _, h, _ in columns]
     lines = [
         f"# {title}",
         "",
@@ -190,16 +241,23 @@ def write_report(rows: list[dict], out: Path, title: str) -> dict[str, str]:
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
     ]
     for row in rows:
-        cells = ["" if row[k] is None else fmt.format(row[k]) for k, _, fmt in COLUMNS]
+        cells = [_cell(row.get(k), fmt) for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "rFID, PSNR and codebook usage: `eval recon` on the validation data; AR val loss: the GPT's validation "
-        "cross-entropy at its last step; gFID, IS, precision, recall: `eval gen` against the reference; probe "
-        "top-1: `eval ar-probe`. A blank cell: that stage has not finished.",
-    ]
+    keys = {k for k, _, _ in columns}
+    notes = "rFID, PSNR and codebook usage: `eval recon` on the validation data"
+    if "gfid" in keys:
+        notes += (
+            "; AR val loss: the GPT's validation cross-entropy at its last step; gFID, IS, precision, recall: "
+            "`eval gen` against the reference; probe top-1: `eval ar-probe`"
+        )
+    if "var_gfid" in keys:
+        notes += (
+            "; VAR val loss: the VAR's validation cross-entropy at its last step; VAR gFID, IS, precision, recall: "
+            "`eval gen` of the VAR against the reference; n/a: the tokenizer is not multi-scale, so no VAR"
+        )
+    lines += ["", notes + ". A blank cell: that stage has not finished."]
     _replace(out / "results.md", lambda p: p.write_text("\n".join(lines) + "\n"))
-    draw_tradeoff(rows, out / "tradeoff.png")
+    draw_tradeoff(rows, out / "tradeoff.png", gpt="probe_top1" in keys)
     return {"csv": str(out / "results.csv"), "md": str(out / "results.md"), "png": str(out / "tradeoff.png")}
 
 
@@ -216,10 +274,12 @@ def _short_params(n: int | None) -> str:
 
 
 def draw_tradeoff(
-    rows: list[dict], path: Path, title: str = "Reconstruction vs generation trade-off"
+    rows: list[dict], path: Path, title: str = "Reconstruction vs generation trade-off", gpt: bool = True
 ) -> Path:
     """Two panels against rFID: gFID (lower is better) and AR-probe top-1 (higher is better); each tokenizer a
-    disc of area proportional to its parameters, labelled with its name and size."""
+    disc of area proportional to its parameters, labelled with its name and size. A VAR's gFID (downstream var)
+    is a square of the same colour and area in the gFID panel; without a GPT (``gpt=False``: downstream var alone)
+    the second panel is the VAR's validation loss. Blank or n/a values are left out."""
     from PIL import Image, ImageDraw
 
     width, height = 1400, 640
@@ -227,13 +287,22 @@ def draw_tradeoff(
     draw = ImageDraw.Draw(img)
     f_title, f_axis, f_tick = font(22), font(16), font(13)
     draw.text((width // 2, 18), title, fill="black", font=f_title, anchor="ma")
-    caption = "each disc a tokenizer (name, parameters), its area proportional to the parameter count"
+    marker = "disc"
+    if any(_number(r.get("var_gfid")) and _number(r.get("rfid")) for r in rows):
+        marker = "disc (its GPT) or square (its VAR)" if gpt else "square (its VAR)"
+    caption = f"each {marker} a tokenizer (name, parameters), its area proportional to the parameter count"
     draw.text((width // 2, height - 14), caption, fill="#555555", font=f_tick, anchor="md")
     sizes = [r["params"] for r in rows if r.get("params")]
     biggest = max(sizes) if sizes else 1
     colours = {r["tokenizer"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
-    panels = (("gfid", "gFID (lower is better)"), ("probe_top1", "AR probe top-1 % (higher is better)"))
-    for i, (key, ylabel) in enumerate(panels):
+    panels = [
+        ("gFID (lower is better)", (("gfid", "disc"), ("var_gfid", "square")))
+    ]  # (label, (key, marker)s)
+    if gpt:
+        panels.append(("AR probe top-1 % (higher is better)", (("probe_top1", "disc"),)))
+    else:
+        panels.append(("VAR val loss (lower is better)", (("var_val_loss", "square"),)))
+    for i, (ylabel, series) in enumerate(panels):
         box = (
             90 + i * 690,
             70,
@@ -241,7 +310,10 @@ def draw_tradeoff(
             height - 110,
         )  # the plotting area: left, top, right, bottom
         points = [
-            (r["rfid"], r[key], r) for r in rows if r.get("rfid") is not None and r.get(key) is not None
+            (r["rfid"], r[k], r, marker)
+            for k, marker in series
+            for r in rows
+            if _number(r.get("rfid")) and _number(r.get(k))
         ]
         _panel(img, draw, box, points, ylabel, colours, biggest, (f_axis, f_tick))
     path = Path(path)
@@ -275,16 +347,22 @@ def _panel(img, draw, box, points, ylabel, colours, biggest, fonts) -> None:
         draw.text(((left + right) / 2, (top + bottom) / 2), "no finished results yet", fill="#888888",
                   font=f_axis, anchor="mm")  # fmt: skip
         return
-    discs = []  # (cx, cy, r, row), the biggest first so that small discs stay visible on top
-    for x, y, row in sorted(points, key=lambda p: -(p[2].get("params") or 0)):
+    discs = []  # (cx, cy, r, row, marker), the biggest first so that small discs stay visible on top
+    for x, y, row, marker in sorted(points, key=lambda p: -(p[2].get("params") or 0)):
         cx, cy = px(x, y)
-        discs.append((cx, cy, 6 + 18 * math.sqrt((row.get("params") or 0) / biggest), row))
-    for cx, cy, r, row in discs:
+        discs.append((cx, cy, 6 + 18 * math.sqrt((row.get("params") or 0) / biggest), row, marker))
+    for cx, cy, r, row, marker in discs:
         colour = colours[row["tokenizer"]]
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline="black", width=1)
-    taken = [(cx - r, cy - r, cx + r, cy + r) for cx, cy, r, _ in discs]
-    for cx, cy, r, row in discs:  # each label beside its disc, where it covers no disc and no other label
+        if marker == "square":  # the same area as the disc
+            h = r * math.sqrt(math.pi) / 2
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=colour, outline="black", width=1)
+        else:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline="black", width=1)
+    taken = [(cx - r, cy - r, cx + r, cy + r) for cx, cy, r, _, _ in discs]
+    # each label beside its marker, where it covers no marker and no other label
+    for cx, cy, r, row, marker in discs:
         text = f"{row['tokenizer']} ({_short_params(row.get('params'))})"
+        text = f"{row['tokenizer']} VAR" if marker == "square" else text
         tw, th = draw.textlength(text, font=f_tick), 16
         spots = [(cx + r + 5, cy - th / 2), (cx - r - 5 - tw, cy - th / 2), (cx - tw / 2, cy - r - th - 3),
                  (cx - tw / 2, cy + r + 3), (cx + r + 3, cy - r - th), (cx - r - 3 - tw, cy + r)]  # fmt: skip

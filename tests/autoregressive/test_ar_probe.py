@@ -289,3 +289,16 @@ def test_a_gpt_and_a_tokenizer_that_do_not_match_are_refused_before_anything_run
     res = ar_probe((other, tok), tmp_path / "out")
     assert res.returncode != 0 and "makes 4 tokens" in res.stderr and "generates 16" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_var_run_is_refused_naming_it_before_anything_runs(tmp_path):
+    """A VAR predicts whole scales under a block-causal mask: no next-token features for the probe."""
+    from test_var_sample_cli import write_var
+    from test_var_train import write_tokenizer as write_multiscale_tokenizer
+
+    var, tok = write_var(tmp_path / "var", seed=0), Path(write_multiscale_tokenizer(tmp_path / "ms-tok"))
+    res = ar_probe((var, tok), tmp_path / "out")
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = [x for x in res.stderr.splitlines() if x.startswith("tokscale: error:")][-1]
+    assert str(var) in line and "is a VAR" in line and "next-token GPT" in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ar-probe-job").exists()
