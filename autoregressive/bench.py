@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from tokscale.devices import half_dtype, resolve_device, synchronize
+
 
 def bench_sample(args: argparse.Namespace) -> dict:
     from tokscale.autoregressive.gpt import GPT, param_counts
@@ -20,11 +22,8 @@ def bench_sample(args: argparse.Namespace) -> dict:
 
     overrides = [f"num_tokens={args.num_tokens}"] if args.num_tokens else []
     cfg = preset_config(args.preset, overrides)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    device = resolve_device(args.device)
+    dtype = half_dtype(args.precision, device)
     torch.manual_seed(0)
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
     torch.nn.init.normal_(
@@ -38,13 +37,11 @@ def bench_sample(args: argparse.Namespace) -> dict:
     def run(use_cache: bool) -> float:
         gen = torch.Generator(device=device).manual_seed(0)
         generate(model, labels[:1], scfg, gen, use_cache=use_cache)  # warm-up (and compilation)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(args.repeats):
             generate(model, labels, scfg, gen, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - t0) / args.repeats
 
     cached, uncached = run(True), run(False)
@@ -54,7 +51,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "compile": bool(args.compile),
         "batch": args.batch,
         "num_tokens": cfg.num_tokens,

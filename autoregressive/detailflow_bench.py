@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from tokscale.devices import half_dtype, resolve_device, synchronize
+
 
 def _counted(model):
     calls = {"n": 0}
@@ -42,25 +44,20 @@ def bench_detailflow_sample(args: argparse.Namespace) -> dict:
     from tokscale.autoregressive.sample import SampleConfig, generate
 
     counts = [int(n) for n in str(args.token_counts).split(",") if n.strip()]
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    device = resolve_device(args.device)
+    dtype = half_dtype(args.precision, device)
     scfg = SampleConfig(cfg_scale=args.cfg_scale, top_k=args.top_k)
 
     def timed(model, labels, use_cache: bool) -> tuple[float, int]:
         calls = _counted(model)
         gen = torch.Generator(device=device).manual_seed(0)
         generate(model, labels[:1], scfg, gen, use_cache=use_cache)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         calls["n"] = 0
         t0 = time.perf_counter()
         for _ in range(args.repeats):
             generate(model, labels, scfg, gen, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - t0) / args.repeats, calls["n"] // args.repeats
 
     results = []
@@ -106,7 +103,7 @@ def bench_detailflow_sample(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "batch": args.batch,
         "cfg_scale": args.cfg_scale,
         "repeats": args.repeats,

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from tokscale.devices import half_dtype, resolve_device, synchronize
+
 SMALLER = {
     "var-d30": "var-d16",
     "var-d24": "var-d16",
@@ -77,12 +79,9 @@ def bench_var_sample(args: argparse.Namespace) -> dict:
     from tokscale.tokenizers.quantizer import QuantizerConfig
 
     settings = parse_settings(args.settings or DEFAULT_SETTINGS)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device, also=("meta",))
     dry = device.type == "meta"  # shapes only: exact KV bytes, passes and positions, no timing
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = half_dtype(args.precision, device)
     model = build(args.preset, device, dtype, 0)
     mcfg = model.config
     small_name = args.small or SMALLER.get(args.preset)
@@ -119,13 +118,11 @@ def bench_var_sample(args: argparse.Namespace) -> dict:
             return {"images_per_s": None, "seconds": None, **once(labels)[1]}
         if args.warmup:
             once(labels[:1])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(args.repeats):
             _, stats = once(labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = (time.perf_counter() - t0) / args.repeats
         return {"images_per_s": args.batch / seconds, "seconds": seconds, **stats}
 
@@ -138,7 +135,7 @@ def bench_var_sample(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "threads": torch.get_num_threads(),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "batch": args.batch,
         "num_tokens": mcfg.num_tokens,
         "scales": list(mcfg.scales),

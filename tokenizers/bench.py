@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from tokscale.devices import half_dtype, resolve_device, synchronize
 from tokscale.tokenizers.model import VQTokenizer, param_counts
 from tokscale.tokenizers.presets import preset_config
 
@@ -530,8 +531,7 @@ def bench(args: argparse.Namespace) -> dict:
         images, labels = images.pin_memory(), labels.pin_memory()  # as the loader hands them over
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     losses = {}
 
@@ -629,14 +629,8 @@ def bench_extract(args: argparse.Namespace) -> dict:
     encodes one image per forward, on the same images."""
     overrides = [f"image_size={args.resolution}"] if args.resolution else []
     cfg = preset_config(args.preset, overrides)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    dtype = (
-        torch.bfloat16
-        if (args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"))
-        else torch.float32
-    )
+    device = resolve_device(args.device)
+    dtype = half_dtype(args.precision, device)
     torch.manual_seed(0)
     model = VQTokenizer(cfg, with_projector=False).to(device).eval()
     images = torch.rand(args.images, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -644,13 +638,11 @@ def bench_extract(args: argparse.Namespace) -> dict:
     def run(batch: int) -> float:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             model.encode(images[:batch])  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t0 = time.perf_counter()
             for part in images.split(batch):
                 model.encode(part)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
         return args.images / (time.perf_counter() - t0)
 
     batched, single = run(args.batch), run(1)

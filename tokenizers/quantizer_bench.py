@@ -37,6 +37,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from tokscale.devices import resolve_device, synchronize
 from tokscale.tokenizers import quantizer as quantizer_module
 from tokscale.tokenizers.quantizer import QuantizerConfig, VectorQuantizer, nearest_code
 
@@ -97,21 +98,6 @@ def reference_quantizer():
         mock.patch.object(quantizer_module, "search_with_entropy", _search_with_entropy_reference),
     ):
         yield
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -183,7 +169,7 @@ def bench_quantizer(args: argparse.Namespace) -> dict:
         raise ValueError(f"--n must be positive row counts, got {args.n}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be positive, got {args.threads}")
@@ -211,15 +197,15 @@ def bench_quantizer(args: argparse.Namespace) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(max(1, args.warmup)):
                 call()
-            _sync(device)
+            synchronize(device)
             peaks[name] = round(_peak_mb(device), 1)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, call in variants.items():
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 call()
-                _sync(device)
+                synchronize(device)
                 times[name].append((time.perf_counter() - t0) * 1000)
         row = {
             name: {"ms": round(statistics.median(ts), 3), "ms_min": round(min(ts), 3), "peak_memory_mb": peaks[name]}

@@ -12,27 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokscale.devices import resolve_device, synchronize
 from tokscale.evaluation.fid import GaussianStats, frechet_distance
 from tokscale.evaluation.inception import FEATURE_DIM, load_inception, write_random_inception_weights
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_bench(
     weights: str | None, batch: int, resolution: int, steps: int, device_name: str = "auto"
 ) -> dict:
-    device = _device(device_name)
+    device = resolve_device(device_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = weights or write_random_inception_weights(Path(tmp) / "inception.pth")
         inception = load_inception(path, device)
@@ -40,12 +28,12 @@ def run_bench(
     stats = GaussianStats(FEATURE_DIM, device)
     pool, _ = inception(images)  # warmup: cuDNN autotuning, allocator
     stats.update(pool)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         pool, _ = inception(images)
         stats.update(pool)  # the float64 running sums are part of the per-image cost
-    _sync(device)
+    synchronize(device)
     extract_s = time.perf_counter() - start
 
     rng = np.random.default_rng(0)
