@@ -247,18 +247,11 @@ def generate_groups(
 ) -> torch.Tensor:
     """Sample (B, N) int64 codes for class labels (B,): the first group token by token, then a group per forward
     pass (see the module docstring); ``use_cache=False`` recomputes the prefix each step (the same tokens)."""
-    from tokscale.autoregressive.sample import SampleConfig, check_labels, guidance_scales, sample_logits
+    from tokscale.autoregressive.sample import SampleConfig, guided_batch, mix_guidance, sample_logits
 
     cfg = cfg or SampleConfig()
-    mcfg = model.config
-    device = model.token_embed.weight.device
-    labels_B = check_labels(labels_B, mcfg).to(device)
-    b, n = labels_B.shape[0], mcfg.num_tokens
-    cond = labels_B
-    if cfg.guided:
-        cond = torch.cat([labels_B, torch.full_like(labels_B, mcfg.null_class)])
-    scales = guidance_scales(cfg, n)
-    out = torch.empty(b, n, dtype=torch.long, device=device)
+    labels_B, cond, scales, out = guided_batch(model, labels_B, cfg)
+    b, n = out.shape
     was_training = model.training
     model.eval()
     try:
@@ -273,13 +266,8 @@ def generate_groups(
             else:
                 logits = model.cached_logits(cache, cond, prefix)
             width = logits.shape[1]
-            if cfg.guided:
-                c, u = logits.chunk(2)
-                mixed = []
-                for j in range(width):
-                    s = scales[known + j]
-                    mixed.append(c[:, j] if s is None else u[:, j] + (c[:, j] - u[:, j]) * s)
-                logits = torch.stack(mixed, 1)
+            if cfg.guided:  # each position of the block at its own scale
+                logits = torch.stack([mix_guidance(logits[:, j], scales[known + j], True) for j in range(width)], 1)
             # the block's tokens are drawn independently, row-major (image 0's group, then image 1's, ...)
             drawn = sample_logits(logits.reshape(b * width, -1), cfg, generator)
             out[:, known : known + width] = drawn.view(b, width)

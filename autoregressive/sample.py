@@ -37,6 +37,16 @@ SCHEDULES = ("constant", "linear", "step")
 GIGATOK_EPS = 1e-4  # GigaTok's schedules add it to every non-constant scale
 
 
+def check_filtering(temperature: float, top_k: int, top_p: float) -> None:
+    """The settings :func:`sample_logits` reads, shared by every sampler's config (an error names the key)."""
+    if temperature < 0:
+        raise ValueError(f"sample.temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"sample.top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sample.top_p must be in (0, 1], got {top_p}")
+
+
 @dataclass
 class SampleConfig:
     cfg_scale: float = 1.0
@@ -58,12 +68,7 @@ class SampleConfig:
             raise ValueError(
                 f"sample.cfg_interval must be -1 (always guide) or >= 0, got {self.cfg_interval}"
             )
-        if self.temperature < 0:
-            raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+        check_filtering(self.temperature, self.top_k, self.top_p)
 
     @property
     def guided(self) -> bool:
@@ -113,7 +118,9 @@ def sample_logits(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _mix(logits_NV: torch.Tensor, scale: float | None, guided: bool) -> torch.Tensor:
+def mix_guidance(logits_NV: torch.Tensor, scale: float | None, guided: bool) -> torch.Tensor:
+    """Under CFG, rows [conditional; unconditional] -> uncond + (cond - uncond) * scale (the conditional rows
+    alone where ``scale`` is None); unguided logits as they are."""
     if not guided:
         return logits_NV
     cond, uncond = logits_NV.chunk(2)
@@ -132,6 +139,18 @@ def check_labels(labels_B: torch.Tensor, mcfg) -> torch.Tensor:
     return labels_B
 
 
+def guided_batch(model, labels_B: torch.Tensor, cfg: SampleConfig):
+    """What a sampler of ``model`` starts from: the checked labels on the model's device, the conditioning rows
+    (under CFG the labels, then as many null-class rows), each token's guidance scale and the (B, T) int64 codes
+    to fill."""
+    mcfg = model.config
+    device = model.token_embed.weight.device
+    labels_B = check_labels(labels_B, mcfg).to(device)
+    cond = torch.cat([labels_B, torch.full_like(labels_B, mcfg.null_class)]) if cfg.guided else labels_B
+    out = torch.empty(labels_B.shape[0], mcfg.num_tokens, dtype=torch.long, device=device)
+    return labels_B, cond, guidance_scales(cfg, mcfg.num_tokens), out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -144,20 +163,12 @@ def generate(
     cfg = cfg or SampleConfig()
     if hasattr(model, "generate_tokens"):  # a model with its own sampler (DetailFlow's group-parallel one)
         return model.generate_tokens(labels_B, cfg, generator, use_cache)
-    mcfg = model.config
-    device = model.token_embed.weight.device
-    labels_B = check_labels(labels_B, mcfg).to(device)
-    b, num_tokens = labels_B.shape[0], mcfg.num_tokens
-    cond = labels_B
-    if cfg.guided:
-        cond = torch.cat([labels_B, torch.full_like(labels_B, mcfg.null_class)])
-    scales = guidance_scales(cfg, num_tokens)
-    out = torch.empty(b, num_tokens, dtype=torch.long, device=device)
+    labels_B, cond, scales, out = guided_batch(model, labels_B, cfg)
     was_training = model.training
     model.eval()
     try:
         cache = model.new_cache(cond.shape[0]) if use_cache else None
-        for t in range(num_tokens):
+        for t in range(out.shape[1]):
             prefix = out[:, :t]
             if cfg.guided:
                 prefix = torch.cat([prefix, prefix])
@@ -167,7 +178,7 @@ def generate(
                 logits = model.decode(cache, 0, labels_B=cond)
             else:
                 logits = model.decode(cache, t, tokens_BL=prefix[:, t - 1 : t])
-            out[:, t] = sample_logits(_mix(logits, scales[t], cfg.guided), cfg, generator)
+            out[:, t] = sample_logits(mix_guidance(logits, scales[t], cfg.guided), cfg, generator)
     finally:
         model.train(was_training)
     return out

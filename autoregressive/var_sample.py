@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokscale.autoregressive.sample import filter_logits
+from tokscale.autoregressive.sample import check_filtering, filter_logits
 from tokscale.autoregressive.var import VARCache
 
 VAR_CFG_SCHEDULES = ("linear", "constant")
@@ -71,12 +71,7 @@ class VARSampleConfig:
             )
         if self.cfg_scale < 0:
             raise ValueError(f"sample.cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
-        if self.temperature < 0:
-            raise ValueError(f"sample.temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sample.top_p must be in (0, 1], got {self.top_p}")
+        check_filtering(self.temperature, self.top_k, self.top_p)
         if not 0.0 < self.kv_budget <= 1.0:
             raise ValueError(f"sample.kv_budget must be in (0, 1] (1 = full cache), got {self.kv_budget}")
         if self.kv_keep_scales < 1:
