@@ -125,6 +125,13 @@ class WeightEma:
         self.shadow = {k: v.float().clone() for k, v in state.items()}
 
 
+def card_text(lines: list[str], metrics: dict) -> str:
+    """A model card: its lines, then a Metrics section when there are any (sorted by name)."""
+    if metrics:
+        lines = [*lines, "", "## Metrics", ""] + [f"- {k}: {v}" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
 class C2ITask(Task):
     name = "c2i"
     config_class = C2IConfig
@@ -241,6 +248,4 @@ class C2ITask(Task):
             f"from `{data.get('train_tokens')}`",
             f"- steps: {training.get('step')}",
         ]
-        if metrics:
-            lines += ["", "## Metrics", ""] + [f"- {k}: {v}" for k, v in sorted(metrics.items())]
-        return "\n".join(lines) + "\n"
+        return card_text(lines, metrics)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tokscale.autoregressive.presets import get_var_preset
-from tokscale.autoregressive.train import C2ITask, TokenDataConfig, ValConfig, check_tokens_fit
+from tokscale.autoregressive.train import C2ITask, TokenDataConfig, ValConfig, card_text, check_tokens_fit
 from tokscale.autoregressive.var import VARConfig
 from tokscale.trainer import LoopConfig, OptimConfig
 
@@ -168,9 +168,7 @@ class VARTask(C2ITask):
             f"- tokenizer `{cfg.get('tokenizer')}`; codes `{data.get('train_tokens')}`",
             f"- steps: {training.get('step')}",
         ]
-        if metrics:
-            lines += ["", "## Metrics", ""] + [f"- {k}: {v}" for k, v in sorted(metrics.items())]
-        return "\n".join(lines) + "\n"
+        return card_text(lines, metrics)
 
 
 def var_config_from(path: str | Path) -> VARConfig:
