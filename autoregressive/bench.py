@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tokscale.devices import half_dtype, resolve_device, synchronize
+from tokscale.devices import device_name, half_dtype, resolve_device, synchronize
 
 
 def bench_sample(args: argparse.Namespace) -> dict:
@@ -49,7 +49,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "ar_sample",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "compile": bool(args.compile),

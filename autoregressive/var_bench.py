@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from tokscale.devices import half_dtype, resolve_device, synchronize
+from tokscale.devices import device_name, half_dtype, resolve_device, synchronize
 
 SMALLER = {
     "var-d30": "var-d16",
@@ -133,7 +133,7 @@ def bench_var_sample(args: argparse.Namespace) -> dict:
     out = {
         "benchmark": "var_sample",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "batch": args.batch,

@@ -31,3 +31,8 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), before and after a timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What a benchmark's JSON calls the device: the GPU's model name, else the device type (cpu, meta)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

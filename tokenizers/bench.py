@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from tokscale.devices import half_dtype, resolve_device, synchronize
+from tokscale.devices import device_name, half_dtype, resolve_device, synchronize
 from tokscale.tokenizers.model import VQTokenizer, param_counts
 from tokscale.tokenizers.presets import preset_config
 
@@ -567,9 +567,9 @@ def bench(args: argparse.Namespace) -> dict:
     flops = count_flops(step, *nets)
     images_per_s = args.batch / dt
     tflops = flops / dt / 1e12
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu_name = device_name(device)
     if device.type == "cuda":
-        peak, peak_note = peak_bf16_tflops(device_name)
+        peak, peak_note = peak_bf16_tflops(gpu_name)
     else:
         peak, peak_note = None, "no MFU on a CPU (MFU is against a GPU's dense bf16 tensor-core peak)"
     trained = sum(p.numel() for p in engine.module.parameters())
@@ -581,7 +581,7 @@ def bench(args: argparse.Namespace) -> dict:
         "config": recipe,
         "at_step": at_step,
         "loss_terms": sorted(k for k in losses if k.startswith("loss_") and k != "loss_total"),
-        "device": device_name,
+        "device": gpu_name,
         "threads": torch.get_num_threads(),
         "engine": engine_name,
         "precision": precision,
@@ -649,7 +649,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "extract_encode",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": "bf16-autocast" if dtype == torch.bfloat16 else "fp32",
         "resolution": cfg.image_size,

@@ -37,7 +37,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from tokscale.devices import resolve_device, synchronize
+from tokscale.devices import device_name, resolve_device, synchronize
 from tokscale.tokenizers import quantizer as quantizer_module
 from tokscale.tokenizers.quantizer import QuantizerConfig, VectorQuantizer, nearest_code
 
@@ -176,7 +176,7 @@ def bench_quantizer(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     result: dict = {
         "benchmark": "quantizer_fwd_bwd",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "codebook_size": args.codebook,

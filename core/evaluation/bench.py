@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokscale import devices
 from tokscale.devices import resolve_device, synchronize
 from tokscale.evaluation.fid import GaussianStats, frechet_distance
 from tokscale.evaluation.inception import FEATURE_DIM, load_inception, write_random_inception_weights
@@ -46,7 +47,7 @@ def run_bench(
     frechet_distance(mu1, s1, mu2, s2)
     fd_s = time.perf_counter() - start
     return {
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": devices.device_name(device),
         "torch_threads": torch.get_num_threads(),
         "weights": "random" if weights is None else str(weights),
         "batch": batch,
