@@ -6,7 +6,7 @@ the AR-probing recipe, its validation loss, gFID and the AR linear probe, then o
         --inception-weights pt_inception-2015-12-05-6726825d.pth --out probes/in1k --nproc 8
     tokscale probe --config PROBE.yaml --out probes/in1k --submit -p gpu --gpus-per-node 8 -t 1440
     tokscale probe runs/ms-tok runs/vq-tok ... --downstream gpt,var --var-recipe var/var-d16   # + a VAR per tokenizer
-    tokscale submit tokscale.jobs.probe OUT/<name>/continuations/after-JOB-0/continuation.yaml ...  # what a chain does
+    tokscale submit tokscale.jobs.probe_chain OUT/<name>/continuations/after-JOB-0/continuation.yaml ...  # what a chain does
 
 Each stage is a ``tokscale`` command run as a subprocess (``--nproc N`` locally), writing under
 ``OUT/<name>/``: ``recon`` (``eval recon`` on the validation data), ``tokens-train`` and ``tokens-val``
@@ -28,10 +28,10 @@ pipeline with an error naming the stage, the tokenizer and the log.
 
 With ``--submit`` the pipeline is a chain of Slurm jobs per tokenizer: the first unfinished stage goes out through
 that command's own ``--submit`` path (resources: ``job`` merged with ``stage_jobs.<stage>``), followed by a small
-continuation job (this module as a runnable, one CPU task, ``dependency: afterany:<stage job>``) that runs the
-same step again: it sees the finished stage and submits the next, waits again while the stage's job is still
-queued or requeued, or records the failure and stops once ``max_attempts`` submissions of the stage ended without
-its output. Everything checkable is checked before the first submission (config keys, paths, the tokenizers'
+continuation job (tokscale.jobs.probe_chain as a runnable, one CPU task, ``dependency: afterany:<stage job>``)
+that runs the same step again: it sees the finished stage and submits the next, waits again while the stage's job
+is still queued or requeued, or records the failure and stops once ``max_attempts`` submissions of the stage ended
+without its output. Everything checkable is checked before the first submission (config keys, paths, the tokenizers'
 configs, the reference, the recipe at every tokenizer's sizes, each stage's Slurm request); what depends on an
 earlier stage's output (the GPT/tokenizer pair, the class count) is checked when its stage is submitted.
 
@@ -54,7 +54,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,6 @@ STATE_FORMAT = "tokscale-probe-state/1"
 # the pipeline sets these c2i keys itself: a recipe override of them would move the outputs it checks
 RESERVED_RECIPE_KEYS = ("run_dir", "data.train_tokens", "data.val_tokens")
 RESERVED_VAR_KEYS = (*RESERVED_RECIPE_KEYS, "tokenizer")  # and the VAR's: the tokenizer its codes come from
-# Slurm states in which a stage's job may still write its output (it is queued, running or requeued)
-ACTIVE_STATES = {
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
-    "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED",
-}  # fmt: skip
-MAX_WAITS = 200  # continuations resubmitted while one stage job stays queued (requeues included)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -700,11 +694,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _command(argv: list[str]) -> list[str]:
+def command_line(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "tokscale.cli", *argv]
 
 
-def _error_line(log_path: Path, start: int) -> str:
+def error_line(log_path: Path, start: int) -> str:
     """The ``tokscale: error:`` line the command printed after byte ``start`` of its log (else its last line)."""
     try:
         with open(log_path, "rb") as f:
@@ -717,18 +711,18 @@ def _error_line(log_path: Path, start: int) -> str:
     return (errors[-1][len("tokscale: error:") :].strip() if errors else (lines[-1] if lines else ""))[:1000]
 
 
-def _run_logged(argv: list[str], log_path: Path, header: str, capture: bool = False) -> tuple[int, int, str]:
+def run_logged(argv: list[str], log_path: Path, header: str, capture: bool = False) -> tuple[int, int, str]:
     """Run ``tokscale ARGV``, appending its output to ``log_path`` after ``header``; returns (exit code, the log's
     size before it, stdout when ``capture``). Ctrl-C or SIGTERM here stops the command too."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as f:
         f.write(
-            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n$ {shlex.join(_command(argv))}\n".encode()
+            f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n$ {shlex.join(command_line(argv))}\n".encode()
         )
         f.flush()
         start = f.tell()
         stdout = subprocess.PIPE if capture else f
-        proc = subprocess.Popen(_command(argv), stdout=stdout, stderr=f, env=_child_env())
+        proc = subprocess.Popen(command_line(argv), stdout=stdout, stderr=f, env=_child_env())
         try:
             out, _ = proc.communicate()
         except BaseException:
@@ -745,7 +739,7 @@ def _run_logged(argv: list[str], log_path: Path, header: str, capture: bool = Fa
 
 
 # -- state ----------------------------------------------------------------------------------------------------------
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
@@ -757,7 +751,7 @@ def read_state(out: Path) -> dict:
 
 
 def write_state(out: Path, state: dict) -> None:
-    state["updated"] = _now()
+    state["updated"] = now()
     tmp = out / f".{STATE_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(out / STATE_NAME)
@@ -792,33 +786,33 @@ def _tokenizer_record(state: dict, tok: TokenizerPlan) -> dict:
     return rec
 
 
-def _begin(plan: Plan, mode: str, argv: list[str]) -> dict:
+def begin_invocation(plan: Plan, mode: str, argv: list[str]) -> dict:
     from tokscale.config import to_yaml
 
     state = read_state(plan.out)
     for tok in plan.tokenizers:
         _tokenizer_record(state, tok)
     state["config"] = str(plan.config_path)
-    state["invocations"].append({"time": _now(), "mode": mode, "argv": argv, "pid": os.getpid()})
+    state["invocations"].append({"time": now(), "mode": mode, "argv": argv, "pid": os.getpid()})
     if mode != CONTINUATION:  # a continuation reads this file; the command that starts a chain writes it
         plan.config_path.write_text(to_yaml(plan.cfg))
     write_state(plan.out, state)
     return state
 
 
-def _found_finished(s: dict, submitted_chain: bool) -> None:
+def found_finished(s: dict, submitted_chain: bool) -> None:
     """A finished stage, as this invocation found it: its job's work (done) or an earlier run's (skipped)."""
     if submitted_chain and s.get("status") == "submitted":
-        s.update(status="done", ended=_now())
+        s.update(status="done", ended=now())
     elif not (submitted_chain and s.get("status") == "done"):
-        s.update(status="skipped", skipped_at=_now())
+        s.update(status="skipped", skipped_at=now())
 
 
 # -- local run ------------------------------------------------------------------------------------------------------
 def run_local(plan: Plan, argv: list[str]) -> dict:
     """Every stage of every tokenizer in turn, here; finished stages are skipped, the rest resume."""
     with state_lock(plan.out, wait=False):
-        state = _begin(plan, "local", argv)
+        state = begin_invocation(plan, "local", argv)
         rec: dict = {}
         try:
             for tok in plan.tokenizers:
@@ -840,42 +834,42 @@ def run_local(plan: Plan, argv: list[str]) -> dict:
     return summary(plan)
 
 
-def _mark_not_applicable(tok: TokenizerPlan, stage: str, s: dict) -> None:
+def mark_not_applicable(tok: TokenizerPlan, stage: str, s: dict) -> None:
     if s.get("status") != NOT_APPLICABLE:
         s.clear()  # nothing of an earlier record applies
-        s.update(status=NOT_APPLICABLE, reason=tok.not_applicable[stage], at=_now())
+        s.update(status=NOT_APPLICABLE, reason=tok.not_applicable[stage], at=now())
 
 
 def _run_stage(plan: Plan, tok: TokenizerPlan, stage: str, s: dict, state: dict) -> None:
     if stage in tok.not_applicable:
-        _mark_not_applicable(tok, stage, s)
+        mark_not_applicable(tok, stage, s)
         write_state(plan.out, state)
         return
     if stage_finished(plan, tok, stage):
-        _found_finished(s, submitted_chain=False)
+        found_finished(s, submitted_chain=False)
         log.info("%s %s: finished before, skipped", tok.name, stage)
         write_state(plan.out, state)
         return
     argv = stage_argv(plan, tok, stage)
     attempt = int(s.get("attempts", 0)) + 1
     log_path = tok.log_path(stage)
-    s.update(status="running", started=_now(), command=shlex.join(_command(argv)), log=str(log_path))
+    s.update(status="running", started=now(), command=shlex.join(command_line(argv)), log=str(log_path))
     s.update(attempts=attempt, ended=None, seconds=None, error=None, exit_code=None)
     write_state(plan.out, state)
     log.info("%s %s: running (log %s)", tok.name, stage, log_path)
     t0 = time.time()
     try:
-        code, start, _ = _run_logged(argv, log_path, f"{tok.name} {stage} attempt {attempt}")
+        code, start, _ = run_logged(argv, log_path, f"{tok.name} {stage} attempt {attempt}")
     except BaseException:
-        s.update(status="interrupted", ended=_now(), seconds=round(time.time() - t0, 1))
+        s.update(status="interrupted", ended=now(), seconds=round(time.time() - t0, 1))
         raise
-    s.update(ended=_now(), seconds=round(time.time() - t0, 1), exit_code=code)
+    s.update(ended=now(), seconds=round(time.time() - t0, 1), exit_code=code)
     if code == 0 and not stage_finished(plan, tok, stage):
         code, why = 1, f"it exited 0 but left no {MARKERS.get(stage, 'checkpoint at train.max_steps')}"
     elif code < 0:  # Popen: killed by a signal
-        why = f"killed by {signal.Signals(-code).name}; {_error_line(log_path, start)}"
+        why = f"killed by {signal.Signals(-code).name}; {error_line(log_path, start)}"
     else:
-        why = _error_line(log_path, start) if code else ""
+        why = error_line(log_path, start) if code else ""
     if code:
         s.update(status="failed", error=why)
         raise StageFailed(
@@ -885,207 +879,6 @@ def _run_stage(plan: Plan, tok: TokenizerPlan, stage: str, s: dict, state: dict)
         )
     s["status"] = "done"
     write_state(plan.out, state)
-
-
-# -- the Slurm chain ------------------------------------------------------------------------------------------------
-@dataclass
-class ContinuationConfig:
-    """The continuation job's config: which pipeline, which tokenizer's chain, which stage job it followed."""
-
-    config: str = ""  # OUT/probe_config.yaml
-    tokenizer: str = ""
-    follows: str = ""  # the Slurm job id this continuation waited for (afterany)
-    run_dir: str = ""  # its own folder: config snapshot and Slurm logs
-
-    def __post_init__(self):
-        for key in ("config", "tokenizer", "run_dir"):
-            if not getattr(self, key):
-                raise ValueError(f"{key} is empty")
-
-
-def load_config(path, overrides=()) -> ContinuationConfig:
-    """The runnable interface (tokscale.registry) the continuation job is submitted and run through."""
-    from tokscale.config import load_config as load
-
-    return load(ContinuationConfig, path, list(overrides))
-
-
-def main(cfg: ContinuationConfig, should_stop=None) -> dict:
-    """The continuation job: the next step of one tokenizer's chain (see :func:`submit_chain`)."""
-    plan = make_plan(load_probe_config(cfg.config), submit=True)
-    outcome = submit_chain(
-        plan, ["continuation", cfg.tokenizer, cfg.follows], only=cfg.tokenizer, follows=cfg.follows
-    )
-    return {"status": "finished", **outcome}
-
-
-def submit_chain(plan: Plan, argv: list[str], only: str | None = None, follows: str | None = None) -> dict:
-    """One step of each tokenizer's chain (of ``only``'s when a continuation runs it); returns what happened."""
-    mode = CONTINUATION if only else "submit"
-    with state_lock(plan.out, wait=True):
-        state = _begin(plan, mode, argv)
-        outcome = {}
-        for tok in plan.tokenizers:
-            if only and tok.name != only:
-                continue
-            rec = state["tokenizers"][tok.name]
-            try:
-                outcome[tok.name] = _advance(plan, tok, rec, follows if only else None, state)
-            finally:
-                write_state(plan.out, state)
-        write_results(plan)
-    failed = {n: o for n, o in outcome.items() if o["action"] == "failed"}
-    if failed and not only:
-        name, o = next(iter(failed.items()))
-        raise StageFailed(
-            f"stage {o['stage']!r} of tokenizer {name!r} could not be submitted: {o.get('error')} (log: "
-            f"{o.get('log')}); fix it and rerun the same command",
-            log_path=o.get("log"),
-        )
-    return outcome
-
-
-def _advance(plan: Plan, tok: TokenizerPlan, rec: dict, follows: str | None, state: dict) -> dict:
-    """Mark finished stages; then submit the first unfinished one (with its continuation), wait again for it,
-    or record that its job ended without its output."""
-    from tokscale.jobs.status import slurm_state
-
-    continuation = follows is not None
-    for stage in plan.stages:
-        s = rec["stages"].setdefault(stage, {})
-        if stage in tok.not_applicable:
-            _mark_not_applicable(tok, stage, s)
-            continue
-        if stage_finished(plan, tok, stage):
-            _found_finished(s, submitted_chain=True)
-            continue
-        job = s.get("job_id") if s.get("status") == "submitted" else None
-        # another invocation (the user, a second continuation) submitted it, with its own continuation
-        if job and continuation and job != follows:
-            return {"action": "superseded", "stage": stage, "job_id": job}
-        if job:
-            job_state = slurm_state(job)
-            if job_state in ACTIVE_STATES:  # queued, running or requeued: wait for it (again)
-                cont = s.get("continuation_job_id")
-                if not continuation and cont and slurm_state(cont) in ACTIVE_STATES:
-                    return {"action": "in flight", "stage": stage, "job_id": job, "continuation_job_id": cont}
-                s["waits"] = int(s.get("waits", 0)) + 1
-                if s["waits"] > MAX_WAITS:
-                    return _chain_failed(
-                        rec, s, stage, f"job {job} still {job_state} after {MAX_WAITS} waits"
-                    )
-                s["continuation_job_id"] = _submit_continuation(plan, tok, job, s["waits"])
-                return {"action": "waiting", "stage": stage, "job_id": job, "state": job_state,
-                        "continuation_job_id": s["continuation_job_id"]}  # fmt: skip
-            why = f"job {job} ended ({job_state}) without its output" + _job_error(s.get("job_stderr"))
-            s.update(status="failed", error=why, ended=_now(), log=s.get("job_stderr") or s.get("log"))
-            if continuation and int(s.get("attempts", 0)) >= plan.cfg.max_attempts:
-                return _chain_failed(rec, s, stage, why)
-        elif continuation and s.get("status") == "failed":
-            return _chain_failed(rec, s, stage, s.get("error") or "failed before")
-        return _submit_stage(plan, tok, stage, rec, s)
-    rec["status"] = "done"
-    return {"action": "done", "stage": None}
-
-
-def _job_error(stderr_path: str | None) -> str:
-    """``: <the exception line>`` of a failed job's rank-0 stderr (a Python traceback's last line), or ""."""
-    try:
-        lines = Path(stderr_path).read_text(errors="replace").splitlines() if stderr_path else []
-    except OSError:
-        return ""
-    pattern = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Failed)\b.*)$")
-    found = [m.group(1) for m in map(pattern.match, lines) if m]
-    found += [
-        line[len("tokscale: error:") :].strip() for line in lines if line.startswith("tokscale: error:")
-    ]
-    return f": {found[-1][:500]}" if found else ""
-
-
-def _chain_failed(rec: dict, s: dict, stage: str, why: str) -> dict:
-    s.update(status="failed", error=why)
-    rec["status"] = "failed"
-    log.error("stage %s stopped: %s (log %s)", stage, why, s.get("log"))
-    return {
-        "action": "failed",
-        "stage": stage,
-        "error": why,
-        "log": s.get("log"),
-        "attempts": s.get("attempts"),
-    }
-
-
-def _submitted(stdout: str) -> dict:
-    """The first run a ``--submit`` command printed (the JSON list of tokscale.jobs.submission.SubmittedRun)."""
-    start = stdout.find("[")
-    runs = json.loads(stdout[start:]) if start >= 0 else []
-    if not runs or "job_id" not in runs[0]:
-        raise ValueError(f"no submitted job in the command's output: {stdout[-500:]!r}")
-    return runs[0]
-
-
-def _write_job_config(path: Path, job: JobConfig) -> Path:
-    from tokscale.config import to_yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(job))
-    return path
-
-
-def _submit_stage(plan: Plan, tok: TokenizerPlan, stage: str, rec: dict, s: dict) -> dict:
-    attempt = int(s.get("attempts", 0)) + 1
-    log_path = tok.log_path(stage)
-    rec["status"] = "submitted"
-    try:
-        job_file = _write_job_config(tok.folder / "jobs" / f"{stage}.yaml", plan.cfg.job_for(stage))
-        argv = stage_argv(plan, tok, stage, job_config=job_file)  # needs the earlier stages' outputs
-    except (OSError, ValueError) as err:
-        s.update(log=str(log_path), attempts=attempt)
-        return _chain_failed(rec, s, stage, f"{type(err).__name__}: {err}")
-    s.update(status="submitting", started=_now(), command=shlex.join(_command(argv)), log=str(log_path))
-    s.update(attempts=attempt, ended=None, error=None, waits=0, job_id=None, continuation_job_id=None)
-    code, start, stdout = _run_logged(
-        argv, log_path, f"{tok.name} {stage} submission {attempt}", capture=True
-    )
-    try:
-        if code:
-            raise ValueError(_error_line(log_path, start))
-        run = _submitted(stdout)
-    except ValueError as err:
-        return _chain_failed(rec, s, stage, f"submission failed (exit {code}): {err}")
-    s.update(
-        status="submitted", job_id=run["job_id"], job_stdout=run.get("stdout"), job_stderr=run.get("stderr")
-    )
-    s["continuation_job_id"] = _submit_continuation(plan, tok, run["job_id"], 0)
-    log.info("%s %s: job %s, continuation %s", tok.name, stage, run["job_id"], s["continuation_job_id"])
-    return {"action": "submitted", "stage": stage, "job_id": run["job_id"],
-            "continuation_job_id": s["continuation_job_id"], "attempt": attempt}  # fmt: skip
-
-
-def _submit_continuation(plan: Plan, tok: TokenizerPlan, follows: str, index: int) -> str:
-    """This module as a one-task job that starts once job ``follows`` ended, whatever its outcome."""
-    from tokscale.config import to_yaml
-
-    # one folder per submission: a queued continuation keeps its own snapshot and logs
-    run_dir = tok.folder / "continuations" / f"after-{follows}-{index}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cont = ContinuationConfig(str(plan.config_path), tok.name, str(follows), str(run_dir))
-    (run_dir / "continuation.yaml").write_text(to_yaml(cont))
-    job = plan.cfg.job_for(CONTINUATION)
-    job = replace(job, extra={**job.extra, "dependency": f"afterany:{follows}"})
-    job_file = _write_job_config(run_dir / "job.yaml", job)
-    argv = ["submit", __name__, str(run_dir / "continuation.yaml"), "--job-config", str(job_file), "--json"]
-    log_path = tok.log_path(CONTINUATION)
-    code, start, stdout = _run_logged(
-        argv, log_path, f"{tok.name} continuation after job {follows}", capture=True
-    )
-    if code:
-        raise StageFailed(
-            f"the continuation job after job {follows} of tokenizer {tok.name!r} could not be submitted: "
-            f"{_error_line(log_path, start)} (log: {log_path}); rerun `tokscale probe ... --submit` once it ended",
-            log_path=str(log_path),
-        )
-    return _submitted(stdout)["job_id"]
 
 
 # -- results ---------------------------------------------------------------------------------------------------------

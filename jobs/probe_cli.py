@@ -150,11 +150,12 @@ def dotlist_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops the running stage's command too (tokscale.jobs.probe._run_logged)
+    raise KeyboardInterrupt  # SIGTERM stops the running stage's command too (tokscale.jobs.probe.run_logged)
 
 
 def probe_command(args: argparse.Namespace) -> int:
-    from tokscale.jobs.probe import load_probe_config, make_plan, run_local, submit_chain
+    from tokscale.jobs.probe import load_probe_config, make_plan, run_local
+    from tokscale.jobs.probe_chain import submit_chain
 
     cfg = load_probe_config(args.config, dotlist_from_args(args))  # a bad key fails here, naming it
     plan = make_plan(cfg, submit=args.submit, check_cluster=args.submit)  # nothing written before this passes
