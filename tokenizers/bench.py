@@ -454,7 +454,8 @@ def find_batch(args: argparse.Namespace) -> dict:
         if res.returncode == 0:
             out = json.loads(res.stdout.strip().splitlines()[-1])
             peaks[batch] = out["peak_memory_mb"]
-            first.update(out if not first else {})
+            if not first:  # the settings every try shares, from the first that ran
+                first.update(out)
             print(f"batch {batch}: fits, peak {out['peak_memory_mb']} MB", file=sys.stderr)
             return True
         if any(m in res.stderr for m in OOM_MARKERS):
