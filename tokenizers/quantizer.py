@@ -7,19 +7,27 @@ row slices so that the (rows, K) distance matrix stays bounded for large batch x
 the search and the loss share one pass over the slices (:func:`search_with_entropy`), and the loss's backward
 recomputes its slices instead of keeping the (N, K) probabilities: memory O(slice + N + K) both ways.
 The row minimum is two-level (:func:`_row_min`): the search is 16 % faster than with torch.min at N = 65,536,
-K = 16384 on one CPU thread. ``tokscale bench quantizer`` times both: the quantizer with the entropy loss costs 3.9x
-the one without at N = 512 and 5.4x at N = 65,536 (4.3x against the torch.min search; the replaced autograd version
-was 16-18x and held N x K floats several times over).
+K = 16384 on one CPU thread. On a CPU the entropy loss's own work (the softmax sums forward, the two contractions
+backward) runs in a fused C kernel, tokenizers/entropy_kernel.c, compiled for the machine at first use
+(tokscale.native; ``TOKSCALE_NATIVE=0`` or no C compiler keeps the PyTorch slices, which remain the GPU's path):
+one pass over cache-sized blocks where the slices make a dozen over memory. ``tokscale bench quantizer`` times it
+against the quantizer without the entropy loss and against the PyTorch slices (figures in the README).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokscale.native import load_kernel
 
 
 @dataclass
@@ -149,6 +157,106 @@ def _shifted_logits(d: torch.Tensor, dist_t: torch.Tensor, inv_t: float) -> torc
     return torch.add(dist_t, d, alpha=-inv_t, out=d).clamp_min_(LOGIT_FLOOR)
 
 
+# Rows per thread below which the C kernel's work is not split over PyTorch's intra-op threads.
+KERNEL_ROWS_PER_THREAD = 256
+
+
+class _EntropyKernel:
+    """tokenizers/entropy_kernel.c through ctypes: the entropy loss's forward sums and backward contractions on a
+    CPU in one fused pass over cache-sized blocks (same mathematics as :class:`_SearchEntropy`'s slices)."""
+
+    SOURCE = Path(__file__).with_name("entropy_kernel.c")
+
+    def __init__(self, lib: ctypes.CDLL):
+        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+        self.fwd, self.bwd = lib.entropy_forward, lib.entropy_backward
+        self.fwd.argtypes = [i64, i64, *[ptr] * 5, f32, f32, *[ptr] * 3]
+        self.bwd.argtypes = [i64, i64, *[ptr] * 5, f32, f32, *[ptr] * 6]
+        self.fwd.restype = self.bwd.restype = ctypes.c_int
+
+    @staticmethod
+    def _operands(z, codes):
+        """z, -2 codes^T (D, K), ||codes||^2, ||z||^2: contiguous fp32, as the kernel reads them."""
+        z = z.contiguous()
+        return (z, *_distance_operands(z, codes))
+
+    @staticmethod
+    def _check(rc: int) -> None:
+        if rc != 0:
+            raise MemoryError("entropy kernel: could not allocate its block buffers")
+
+    @staticmethod
+    def _row_parts(n: int) -> list[tuple[int, int]]:
+        """Row ranges, one per PyTorch intra-op thread (at least KERNEL_ROWS_PER_THREAD rows each)."""
+        parts = max(1, min(torch.get_num_threads(), n // KERNEL_ROWS_PER_THREAD))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _run(self, fn, parts, per_part):
+        """fn(*per_part(a, b)) for every row range, in threads when several (ctypes releases the GIL)."""
+        if len(parts) == 1:
+            self._check(fn(*per_part(*parts[0])))
+            return
+        with ThreadPoolExecutor(len(parts)) as pool:
+            for rc in pool.map(lambda ab: fn(*per_part(*ab)), parts):
+                self._check(rc)
+
+    def forward(self, z, codes, dist, inv_t: float):
+        """(Z_i, sum_j e_ij s'_ij, sum_i e_ij / Z_i)."""
+        n, k = z.shape[0], codes.shape[0]
+        z, codes_m2, code_sq, z_sq = self._operands(z, codes)
+        dist = dist.contiguous()
+        z_part, s_dot = z.new_empty(n), z.new_empty(n)
+        parts = self._row_parts(n)
+        col_sums = z.new_zeros(len(parts), k)  # one per thread, added up below
+
+        def args(a, b):
+            rows = (z[a:b], codes_m2, code_sq, z_sq[a:b], dist[a:b])
+            outs = (z_part[a:b], s_dot[a:b], col_sums[parts.index((a, b))])
+            return (
+                b - a,
+                k,
+                *(t.data_ptr() for t in rows),
+                inv_t,
+                LOGIT_FLOOR,
+                *(t.data_ptr() for t in outs),
+            )
+
+        self._run(self.fwd, parts, args)
+        return z_part, s_dot, col_sums.sum(0)
+
+    def backward(self, z, codes, dist, inv_t: float, g, inv_z, neg_sbar, rhs):
+        """(sum_j te_ij (-2 e_j) per row (N, D), acc (D + 1, K)) as :meth:`_SearchEntropy._backward_slices`."""
+        n, k, dim = z.shape[0], codes.shape[0], z.shape[1]
+        z, codes_m2, code_sq, z_sq = self._operands(z, codes)
+        dist, g, inv_z, neg_sbar, rhs = (t.contiguous() for t in (dist, g, inv_z, neg_sbar, rhs))
+        grad_z = z.new_empty(n, dim)
+        parts = self._row_parts(n)
+        accs = z.new_zeros(len(parts), dim + 1, k)
+
+        def args(a, b):
+            ins = (z[a:b], codes_m2, code_sq, z_sq[a:b], dist[a:b])
+            rest = (g, inv_z[a:b], neg_sbar[a:b], rhs[a:b], grad_z[a:b], accs[parts.index((a, b))])
+            return (b - a, k, *(t.data_ptr() for t in ins), inv_t, LOGIT_FLOOR, *(t.data_ptr() for t in rest))
+
+        self._run(self.bwd, parts, args)
+        return grad_z, accs.sum(0)
+
+
+@functools.cache
+def _wrap(lib: ctypes.CDLL) -> _EntropyKernel:
+    return _EntropyKernel(lib)
+
+
+def _entropy_kernel(device: torch.device, code_dim: int) -> _EntropyKernel | None:
+    """The fused C kernel (compiled once per code dimension) for CPU tensors when this machine can build it and the
+    environment allows it (tokscale.native), else None: the PyTorch slices run."""
+    if device.type != "cpu":
+        return None
+    lib = load_kernel(_EntropyKernel.SOURCE, "entropy_kernel", (("CODE_DIM", code_dim),))
+    return None if lib is None else _wrap(lib)
+
+
 class _SearchEntropy(torch.autograd.Function):
     """Nearest-code search and entropy loss in one pass over row slices of the (N, K) distance matrix.
 
@@ -166,6 +274,13 @@ class _SearchEntropy(torch.autograd.Function):
     def forward(ctx, z, codes, temperature: float, chunk: int):
         n, k = z.shape[0], codes.shape[0]
         rows = _slice_rows(chunk, k, z.device)
+        kernel = _entropy_kernel(z.device, z.shape[1])
+        if kernel is not None:  # the search as nearest_code, the rest in the fused C kernel
+            idx, dist = nearest_code(z, codes, chunk)
+            z_part, s_dot, prob_sum = kernel.forward(z, codes, dist, 1.0 / temperature)
+            return _SearchEntropy._finish(
+                ctx, z, codes, dist, idx, z_part, s_dot, prob_sum, temperature, rows
+            )
         codes_m2, code_sq, z_sq = _distance_operands(z, codes)
         idx = torch.empty(n, dtype=torch.long, device=z.device)
         dist = torch.empty(n, dtype=torch.float32, device=z.device)
@@ -187,6 +302,11 @@ class _SearchEntropy(torch.autograd.Function):
             torch.sum(e, dim=1, out=zp_c)
             torch.sum(s.mul_(e), dim=1, out=sd_c)
             prob_sum.addmv_(e.t(), zp_c.reciprocal())
+        return _SearchEntropy._finish(ctx, z, codes, dist, idx, z_part, s_dot, prob_sum, temperature, rows)
+
+    @staticmethod
+    def _finish(ctx, z, codes, dist, idx, z_part, s_dot, prob_sum, temperature, rows):
+        n = z.shape[0]
         sbar = s_dot / z_part  # sum_j p_ij s'_ij
         sample_entropy = (z_part.log() - sbar).sum()
         avg_p = prob_sum / n
@@ -204,12 +324,24 @@ class _SearchEntropy(torch.autograd.Function):
         n, dim = z.shape
         rows, inv_t = ctx.rows, 1.0 / ctx.temperature
         g = torch.log(avg_p + BATCH_ENTROPY_EPS) + avg_p / (avg_p + BATCH_ENTROPY_EPS)
-        codes_m2, code_sq, z_sq = _distance_operands(z, codes)
         inv_z = z_part.reciprocal()
         # dL/ds_ij = (u_i / (2/T)) t_ij e_ij with e = exp(s'), t = s' - g + c, c_i = gbar_i - sbar'_i
         u = (-2.0 * inv_t / n) * grad_loss * inv_z
-        grad_z = torch.empty_like(z)
         rhs = torch.cat([z * u.unsqueeze(1), u.unsqueeze(1)], dim=1)  # rows of [u_i z_i, u_i]
+        kernel = _entropy_kernel(z.device, z.shape[1])
+        if kernel is not None:
+            grad_z, acc = kernel.backward(z, codes, dist, inv_t, g, inv_z, -sbar, rhs)
+        else:
+            grad_z, acc = _SearchEntropy._backward_slices(z, codes, dist, inv_t, g, inv_z, sbar, rhs, rows)
+        grad_codes = (acc[:dim] - acc[dim:] * codes.t()).t() if need_codes else None
+        return grad_z.mul_(-0.5 * u.unsqueeze(1)) if need_z else None, grad_codes, None, None
+
+    @staticmethod
+    def _backward_slices(z, codes, dist, inv_t, g, inv_z, sbar, rhs, rows):
+        """(sum_j te_ij (-2 e_j) per row, acc): the backward's two contractions, slice by slice in PyTorch."""
+        n, dim = z.shape
+        codes_m2, code_sq, z_sq = _distance_operands(z, codes)
+        grad_z = torch.empty_like(z)
         c_one = z.new_ones(min(rows, n), 2)
         one_neg_g = torch.stack([torch.ones_like(g), -g])
         acc = z.new_zeros(dim + 1, codes.shape[0])  # columns j: [sum_i G_ij z_i ; sum_i G_ij] (2/T)
@@ -225,12 +357,10 @@ class _SearchEntropy(torch.autograd.Function):
             torch.addcmul(neg_sbar_c, torch.mv(e, g), inv_z_c, out=c_one[:m, 0])  # c_i = gbar_i - sbar'_i
             # s' + c_i - g_j in one pass: a rank-2 update [c, 1] @ [1; -g] (one kernel instead of two broadcasts)
             te = s.addmm_(c_one[:m], one_neg_g).mul_(e)
-            if need_z:  # te @ codes as (-2 codes^T) @ te^T: MKL is ~1.5x faster on this layout at 16 rows
-                gz_c.copy_(torch.mm(codes_m2, te.t()).t())
-            if need_codes:
-                acc.addmm_(rhs_c.t(), te)
-        grad_codes = (acc[:dim] - acc[dim:] * codes.t()).t() if need_codes else None
-        return grad_z.mul_(-0.5 * u.unsqueeze(1)) if need_z else None, grad_codes, None, None
+            # te @ codes as (-2 codes^T) @ te^T: MKL is ~1.5x faster on this layout at 16 rows
+            gz_c.copy_(torch.mm(codes_m2, te.t()).t())
+            acc.addmm_(rhs_c.t(), te)
+        return grad_z, acc
 
 
 def search_with_entropy(

@@ -12,6 +12,10 @@ For every N (rows: a batch of 256 images of 256 tokens is 65,536) it times, in f
 - ``quantizer_entropy``: the same with the entropy loss (weight 0.005, temperature 0.01), forward and backward;
 - ``entropy_ratio``: quantizer_entropy / quantizer.
 
+On a CPU the entropy loss runs in the fused C kernel (tokenizers/entropy_kernel.c) when this machine can compile
+it (``entropy_kernel`` in the JSON says which); ``quantizer_entropy_pytorch`` and ``entropy_ratio_pytorch`` then
+time the same quantizer on the PyTorch slices (``TOKSCALE_NATIVE=0``), side by side.
+
 ``--compare-reference`` also times the implementation that the chunked one replaced (:func:`nearest_code_reference`,
 :func:`entropy_loss_reference`, kept here verbatim; the tests compare against them) inside the same quantizer, as
 ``*_reference``. The variants run round-robin, one call each per repeat, so that a change in the machine's load
@@ -28,6 +32,7 @@ machine at load ~10: the search 75 ms at 2 threads vs 16 ms at one, N = 512).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -38,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from tokscale.devices import device_name, resolve_device, synchronize
+from tokscale.native import NATIVE_ENV
 from tokscale.tokenizers import quantizer as quantizer_module
 from tokscale.tokenizers.quantizer import QuantizerConfig, VectorQuantizer, nearest_code
 
@@ -118,12 +124,15 @@ def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
         quantizers[weight] = VectorQuantizer(cfg).to(device).train()
     codes = quantizers[0.0].codes().detach()
 
-    def step(vq: VectorQuantizer, reference: bool):
+    def step(vq: VectorQuantizer, reference: bool, pytorch: bool = False):
         def call():
             z.grad = None
             vq.zero_grad(set_to_none=True)
             if reference:
                 with reference_quantizer():
+                    out = vq(z)
+            elif pytorch:
+                with mock.patch.dict(os.environ, {NATIVE_ENV: "0"}):
                     out = vq(z)
             else:
                 out = vq(z)
@@ -146,6 +155,8 @@ def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
         "quantizer": step(quantizers[0.0], False),
         "quantizer_entropy": step(quantizers[ENTROPY_WEIGHT], False),
     }
+    if _native_entropy(device, args.dim):
+        out["quantizer_entropy_pytorch"] = step(quantizers[ENTROPY_WEIGHT], False, pytorch=True)
     if args.compare_reference and (args.reference_max_n is None or n <= args.reference_max_n):
         out.update(
             search_reference=search(nearest_code_reference),
@@ -153,6 +164,10 @@ def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
             quantizer_entropy_reference=step(quantizers[ENTROPY_WEIGHT], True),
         )
     return out
+
+
+def _native_entropy(device: torch.device, dim: int) -> bool:
+    return quantizer_module._entropy_kernel(device, dim) is not None
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -183,6 +198,7 @@ def bench_quantizer(args: argparse.Namespace) -> dict:
         "code_dim": args.dim,
         "search_chunk": args.chunk,
         "entropy_weight": ENTROPY_WEIGHT,
+        "entropy_kernel": "native" if _native_entropy(device, args.dim) else "pytorch",
         "repeats": args.repeats,
         "peak_memory": "cuda max_memory_allocated per variant"
         if device.type == "cuda"
@@ -208,10 +224,18 @@ def bench_quantizer(args: argparse.Namespace) -> dict:
                 synchronize(device)
                 times[name].append((time.perf_counter() - t0) * 1000)
         row = {
-            name: {"ms": round(statistics.median(ts), 3), "ms_min": round(min(ts), 3), "peak_memory_mb": peaks[name]}
+            name: {
+                "ms": round(statistics.median(ts), 3),
+                "ms_min": round(min(ts), 3),
+                "peak_memory_mb": peaks[name],
+            }
             for name, ts in times.items()
         }
         row["entropy_ratio"] = round(row["quantizer_entropy"]["ms"] / row["quantizer"]["ms"], 3)
+        if "quantizer_entropy_pytorch" in row:
+            row["entropy_ratio_pytorch"] = round(
+                row["quantizer_entropy_pytorch"]["ms"] / row["quantizer"]["ms"], 3
+            )
         if "quantizer_entropy_reference" in row:
             row["entropy_ratio_reference"] = round(
                 row["quantizer_entropy_reference"]["ms"] / row["quantizer_reference"]["ms"], 3

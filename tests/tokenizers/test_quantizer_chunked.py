@@ -1,13 +1,17 @@
 """The sliced search + entropy loss (issue 15) against the implementation it replaced: same values and gradients
-(1e-5 relative), same indices, and autograd no longer keeps the (N, K) probabilities."""
+(1e-5 relative), same indices, and autograd no longer keeps the (N, K) probabilities. The value and gradient
+cases run both CPU paths: the fused C kernel (tokenizers/entropy_kernel.c) and the PyTorch slices."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tokscale.cli import main as cli_main
+from tokscale.native import NATIVE_ENV
+from tokscale.tokenizers import quantizer as quantizer_module
 from tokscale.tokenizers.quantizer import (
     QuantizerConfig,
     VectorQuantizer,
@@ -16,6 +20,21 @@ from tokscale.tokenizers.quantizer import (
     search_with_entropy,
 )
 from tokscale.tokenizers.quantizer_bench import entropy_loss_reference, nearest_code_reference
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def entropy_path(request, monkeypatch):
+    """Runs the test on the C kernel, then on the PyTorch slices (TOKSCALE_NATIVE=0)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv(NATIVE_ENV, "0")
+    else:
+        monkeypatch.delenv(NATIVE_ENV, raising=False)
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler on this machine: only the PyTorch path exists here")
+    kernel = quantizer_module._entropy_kernel(torch.device("cpu"), 8)
+    assert (kernel is not None) == (request.param == "native")  # the path asked for is the one that runs
+    return request.param
 
 
 def _value_and_grads(fn, z_raw, w_raw, temperature, chunk, l2_norm):
@@ -49,7 +68,7 @@ def _assert_close_to(new, ref, rel=1e-5):
     ],
 )
 def test_entropy_loss_equals_the_replaced_implementation_in_value_and_both_gradients(
-    n, k, d, temperature, chunk, l2_norm
+    n, k, d, temperature, chunk, l2_norm, entropy_path
 ):
     # (Where |d| / T is large, as for unnormalised inputs of norm ~8 at T = 0.01, the fp32 logits themselves are
     # only good to ~1e-3 in both implementations: the cases keep to inputs whose fp32 answer is good to 1e-5.)
@@ -62,7 +81,23 @@ def test_entropy_loss_equals_the_replaced_implementation_in_value_and_both_gradi
         _assert_close_to(got, want)
 
 
-def test_fused_search_gives_the_indices_of_the_search_and_of_the_replaced_search():
+def test_the_kernel_splits_rows_over_the_intra_op_threads_with_the_same_result(entropy_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        if entropy_path == "native":
+            assert len(quantizer_module._EntropyKernel._row_parts(1030)) == 3  # 3 row ranges of >= 256 rows
+        torch.manual_seed(7)
+        z, w = torch.randn(1030, 8), torch.randn(2048, 8)
+        new = _value_and_grads(entropy_loss, z, w, 0.01, 16384, True)
+        ref = _value_and_grads(entropy_loss_reference, z, w, 0.01, 16384, True)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(new, ref):
+        _assert_close_to(got, want)
+
+
+def test_fused_search_gives_the_indices_of_the_search_and_of_the_replaced_search(entropy_path):
     torch.manual_seed(4)
     z = F.normalize(torch.randn(1111, 8), dim=-1)
     codes = F.normalize(torch.randn(4096, 8), dim=-1)
@@ -110,7 +145,7 @@ def test_entropy_loss_runs_in_fp32_under_bf16_autocast():
     assert torch.equal(got, want)
 
 
-def test_quantizer_with_entropy_gives_the_losses_and_gradients_of_the_replaced_one():
+def test_quantizer_with_entropy_gives_the_losses_and_gradients_of_the_replaced_one(entropy_path):
     torch.manual_seed(6)
     with_entropy = VectorQuantizer(
         QuantizerConfig(codebook_size=512, code_dim=8, entropy_weight=0.005, search_chunk=100)
