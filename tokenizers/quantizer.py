@@ -193,12 +193,14 @@ class _EntropyKernel:
         return list(zip(bounds[:-1], bounds[1:]))
 
     def _run(self, fn, parts, per_part):
-        """fn(*per_part(a, b)) for every row range, in threads when several (ctypes releases the GIL)."""
-        if len(parts) == 1:
-            self._check(fn(*per_part(*parts[0])))
+        """fn(*per_part(p, a, b)) for every row range p = (a, b), in threads when several (ctypes releases the
+        GIL during the call)."""
+        calls = [per_part(p, a, b) for p, (a, b) in enumerate(parts)]
+        if len(calls) == 1:
+            self._check(fn(*calls[0]))
             return
-        with ThreadPoolExecutor(len(parts)) as pool:
-            for rc in pool.map(lambda ab: fn(*per_part(*ab)), parts):
+        with ThreadPoolExecutor(len(calls)) as pool:
+            for rc in pool.map(lambda args: fn(*args), calls):
                 self._check(rc)
 
     def forward(self, z, codes, dist, inv_t: float):
@@ -210,17 +212,10 @@ class _EntropyKernel:
         parts = self._row_parts(n)
         col_sums = z.new_zeros(len(parts), k)  # one per thread, added up below
 
-        def args(a, b):
-            rows = (z[a:b], codes_m2, code_sq, z_sq[a:b], dist[a:b])
-            outs = (z_part[a:b], s_dot[a:b], col_sums[parts.index((a, b))])
-            return (
-                b - a,
-                k,
-                *(t.data_ptr() for t in rows),
-                inv_t,
-                LOGIT_FLOOR,
-                *(t.data_ptr() for t in outs),
-            )
+        def args(p, a, b):
+            ins = (z[a:b], codes_m2, code_sq, z_sq[a:b], dist[a:b])
+            outs = (z_part[a:b], s_dot[a:b], col_sums[p])
+            return (b - a, k, *(t.data_ptr() for t in ins), inv_t, LOGIT_FLOOR, *(t.data_ptr() for t in outs))
 
         self._run(self.fwd, parts, args)
         return z_part, s_dot, col_sums.sum(0)
@@ -234,9 +229,9 @@ class _EntropyKernel:
         parts = self._row_parts(n)
         accs = z.new_zeros(len(parts), dim + 1, k)
 
-        def args(a, b):
+        def args(p, a, b):
             ins = (z[a:b], codes_m2, code_sq, z_sq[a:b], dist[a:b])
-            rest = (g, inv_z[a:b], neg_sbar[a:b], rhs[a:b], grad_z[a:b], accs[parts.index((a, b))])
+            rest = (g, inv_z[a:b], neg_sbar[a:b], rhs[a:b], grad_z[a:b], accs[p])
             return (b - a, k, *(t.data_ptr() for t in ins), inv_t, LOGIT_FLOOR, *(t.data_ptr() for t in rest))
 
         self._run(self.bwd, parts, args)
