@@ -44,18 +44,30 @@ static inline float exp_neg(float x) {
     return ef * scale.f;
 }
 
-/* Row r's logit and exponential at code j of a block starting at row i0 (zr, dt, zs: the block's rows). */
-#define LOGIT(r)                                                            \
-    do {                                                                    \
-        float x_ = 0.0f;                                                    \
-        for (int k = 0; k < D; k++) x_ += zr[r][k] * cj[k];                 \
-        const float d_ = (x_ + csq[j]) + zs[r];                             \
-        sv[r] = fmaxf(dt[r] - d_ * inv_t, floor_);                          \
-        ev[r] = exp_neg(sv[r]);                                             \
+/* Row r's logit and exponential at code j (zr, dt, zs: the block's rows; cj: code j's coordinates). */
+#define LOGIT(r)                                                \
+    do {                                                        \
+        float x_ = 0.0f;                                        \
+        for (int k = 0; k < D; k++) x_ += zr[r][k] * cj[k];     \
+        const float d_ = (x_ + csq[j]) + zs[r];                 \
+        sv[r] = fmaxf(dt[r] - d_ * inv_t, floor_);              \
+        ev[r] = exp_neg(sv[r]);                                 \
     } while (0)
 
-static void load_rows(int64_t i0, int rows, const float *restrict z, const float *restrict zsq, const float *restrict dist, float inv_t,
-                      float zr[R][D], float zs[R], float dt[R]) {
+/* Declares sv[R], ev[R]: the block's logits and exponentials at code j, the code loaded once for the R rows. */
+#define BLOCK_LOGITS                                            \
+    float sv[R], ev[R];                                         \
+    do {                                                        \
+        float cj[D];                                            \
+        for (int k = 0; k < D; k++) cj[k] = cm2[k * K + j];     \
+        LOGIT(0);                                               \
+        LOGIT(1);                                               \
+        LOGIT(2);                                               \
+        LOGIT(3);                                               \
+    } while (0)
+
+static void load_rows(int64_t i0, int rows, const float *restrict z, const float *restrict zsq,
+                      const float *restrict dist, float inv_t, float zr[R][D], float zs[R], float dt[R]) {
     for (int r = 0; r < R; r++) {
         const int64_t i = i0 + (r < rows ? r : 0); /* a short last block repeats its first row, results unused */
         for (int k = 0; k < D; k++) zr[r][k] = z[i * D + k];
@@ -65,8 +77,9 @@ static void load_rows(int64_t i0, int rows, const float *restrict z, const float
 }
 
 /* Returns 0, or 1 when the block buffer could not be allocated. */
-int entropy_forward(int64_t n, int64_t K, const float *restrict z, const float *restrict cm2, const float *restrict csq, const float *restrict zsq,
-                    const float *restrict dist, float inv_t, float floor_, float *restrict z_part, float *restrict s_dot, float *restrict colsum) {
+int entropy_forward(int64_t n, int64_t K, const float *restrict z, const float *restrict cm2,
+                    const float *restrict csq, const float *restrict zsq, const float *restrict dist, float inv_t,
+                    float floor_, float *restrict z_part, float *restrict s_dot, float *restrict colsum) {
     float *ebuf = malloc(sizeof(float) * R * (size_t)K);
     if (!ebuf) return 1;
     for (int64_t i0 = 0; i0 < n; i0 += R) {
@@ -77,12 +90,7 @@ int entropy_forward(int64_t n, int64_t K, const float *restrict z, const float *
         float *e0 = ebuf, *e1 = ebuf + K, *e2 = ebuf + 2 * K, *e3 = ebuf + 3 * K;
 #pragma omp simd reduction(+ : z0, z1, z2, z3, s0, s1, s2, s3)
         for (int64_t j = 0; j < K; j++) {
-            float cj[D], sv[R], ev[R];
-            for (int k = 0; k < D; k++) cj[k] = cm2[k * K + j];
-            LOGIT(0);
-            LOGIT(1);
-            LOGIT(2);
-            LOGIT(3);
+            BLOCK_LOGITS;
             e0[j] = ev[0], e1[j] = ev[1], e2[j] = ev[2], e3[j] = ev[3];
             z0 += ev[0], z1 += ev[1], z2 += ev[2], z3 += ev[3];
             s0 += ev[0] * sv[0], s1 += ev[1] * sv[1], s2 += ev[2] * sv[2], s3 += ev[3] * sv[3];
@@ -100,9 +108,11 @@ int entropy_forward(int64_t n, int64_t K, const float *restrict z, const float *
     return 0;
 }
 
-int entropy_backward(int64_t n, int64_t K, const float *restrict z, const float *restrict cm2, const float *restrict csq, const float *restrict zsq,
-                     const float *restrict dist, float inv_t, float floor_, const float *restrict g, const float *restrict inv_z,
-                     const float *restrict neg_sbar, const float *restrict rhs, float *restrict gz, float *restrict acc) {
+int entropy_backward(int64_t n, int64_t K, const float *restrict z, const float *restrict cm2,
+                     const float *restrict csq, const float *restrict zsq, const float *restrict dist, float inv_t,
+                     float floor_, const float *restrict g, const float *restrict inv_z,
+                     const float *restrict neg_sbar, const float *restrict rhs, float *restrict gz,
+                     float *restrict acc) {
     float *buf = malloc(sizeof(float) * 2 * R * (size_t)K); /* s then te (R rows), e (R rows) */
     if (!buf) return 1;
     float *t0 = buf, *t1 = buf + K, *t2 = buf + 2 * K, *t3 = buf + 3 * K;
@@ -114,12 +124,7 @@ int entropy_backward(int64_t n, int64_t K, const float *restrict z, const float 
         float b0 = 0, b1 = 0, b2 = 0, b3 = 0;
 #pragma omp simd reduction(+ : b0, b1, b2, b3)
         for (int64_t j = 0; j < K; j++) {
-            float cj[D], sv[R], ev[R];
-            for (int k = 0; k < D; k++) cj[k] = cm2[k * K + j];
-            LOGIT(0);
-            LOGIT(1);
-            LOGIT(2);
-            LOGIT(3);
+            BLOCK_LOGITS;
             t0[j] = sv[0], t1[j] = sv[1], t2[j] = sv[2], t3[j] = sv[3];
             e0[j] = ev[0], e1[j] = ev[1], e2[j] = ev[2], e3[j] = ev[3];
             const float gj = g[j];
