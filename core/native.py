@@ -2,7 +2,7 @@
 step at install): ``load_kernel(source, name)``.
 
 The shared library is compiled with the system C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
--ffast-math`` into ``$TOKSCALE_NATIVE_DIR`` (default ``~/.cache/tokscale/native``), under a name that hashes the
+-ffast-math`` (:data:`FLAGS`) into ``$TOKSCALE_NATIVE_DIR`` (default ``~/.cache/tokscale/native``), under a name that hashes the
 source, the flags, the compiler's version and this CPU's model and flags, so that a home directory shared by
 different nodes of a cluster never loads a library built for another CPU. Compiling takes about a second, once.
 
@@ -29,14 +29,16 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "TOKSCALE_NATIVE"
 NATIVE_DIR_ENV = "TOKSCALE_NATIVE_DIR"
+# -fopenmp-simd: the kernels' `#pragma omp simd` loops vectorise without OpenMP's runtime. On x86, 512-bit vectors
+# where the CPU has them (gcc otherwise keeps to 256 bits).
 FLAGS = (
     "-O3",
     "-march=native",
-    "-mprefer-vector-width=512",
     "-ffast-math",
     "-fopenmp-simd",
     "-fPIC",
     "-shared",
+    *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()),
 )
 
 
