@@ -137,19 +137,15 @@ int entropy_backward(int64_t n, int64_t K, const float *restrict z, const float 
             c[r] = gb[r] * inv_z[i] + neg_sbar[i];
             for (int k = 0; k <= D; k++) w[r][k] = r < rows ? rhs[i * (D + 1) + k] : 0.0f;
         }
-        /* te in place of s */
+        /* te in place of s, and acc_kj += sum_r rhs_rk te_rj: acc read and written once per block */
 #pragma omp simd
         for (int64_t j = 0; j < K; j++) {
             const float gj = g[j];
-            t0[j] = (t0[j] + c[0] - gj) * e0[j], t1[j] = (t1[j] + c[1] - gj) * e1[j];
-            t2[j] = (t2[j] + c[2] - gj) * e2[j], t3[j] = (t3[j] + c[3] - gj) * e3[j];
-        }
-        /* acc_kj += sum_r rhs_rk te_rj: each row of acc read and written once per block */
-        for (int k = 0; k <= D; k++) {
-            float *restrict a = acc + k * K;
-            const float w0 = w[0][k], w1 = w[1][k], w2 = w[2][k], w3 = w[3][k];
-#pragma omp simd
-            for (int64_t j = 0; j < K; j++) a[j] += ((t0[j] * w0 + t1[j] * w1) + t2[j] * w2) + t3[j] * w3;
+            const float a0 = (t0[j] + c[0] - gj) * e0[j], a1 = (t1[j] + c[1] - gj) * e1[j];
+            const float a2 = (t2[j] + c[2] - gj) * e2[j], a3 = (t3[j] + c[3] - gj) * e3[j];
+            t0[j] = a0, t1[j] = a1, t2[j] = a2, t3[j] = a3;
+            for (int k = 0; k <= D; k++)
+                acc[k * K + j] += ((a0 * w[0][k] + a1 * w[1][k]) + a2 * w[2][k]) + a3 * w[3][k];
         }
         /* gz_rk = sum_j te_rj cm2_kj, two rows per pass over the codes */
         for (int p = 0; p < R; p += 2) {

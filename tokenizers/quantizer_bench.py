@@ -125,14 +125,11 @@ def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
     codes = quantizers[0.0].codes().detach()
 
     def step(vq: VectorQuantizer, reference: bool, pytorch: bool = False):
-        def call():
+        def fwd_bwd():
             z.grad = None
             vq.zero_grad(set_to_none=True)
             if reference:
                 with reference_quantizer():
-                    out = vq(z)
-            elif pytorch:
-                with mock.patch.dict(os.environ, {NATIVE_ENV: "0"}):
                     out = vq(z)
             else:
                 out = vq(z)
@@ -140,6 +137,13 @@ def _variants(n: int, args: argparse.Namespace, device: torch.device) -> dict:
             if "loss_entropy" in out:
                 loss = loss + out["loss_entropy"]
             loss.backward()
+
+        def call():
+            if pytorch:  # forward and backward both on the PyTorch slices
+                with mock.patch.dict(os.environ, {NATIVE_ENV: "0"}):
+                    fwd_bwd()
+            else:
+                fwd_bwd()
 
         return call
 

@@ -2,6 +2,7 @@
 (1e-5 relative), same indices, and autograd no longer keeps the (N, K) probabilities. The value and gradient
 cases run both CPU paths: the fused C kernel (tokenizers/entropy_kernel.c) and the PyTorch slices."""
 
+import argparse
 import json
 import shutil
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from tokscale.cli import main as cli_main
 from tokscale.native import NATIVE_ENV
 from tokscale.tokenizers import quantizer as quantizer_module
+from tokscale.tokenizers import quantizer_bench
 from tokscale.tokenizers.quantizer import (
     QuantizerConfig,
     VectorQuantizer,
@@ -190,6 +192,29 @@ def test_bench_quantizer_prints_the_three_timings_the_ratio_and_the_reference(ca
         )
     assert small["quantizer_entropy_reference"]["ms"] > 0 and "entropy_speedup" in small
     assert "quantizer_entropy_reference" not in large  # above --reference-max-n
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None, reason="no C compiler: the bench has no PyTorch variant to add"
+)
+def test_bench_quantizer_times_the_pytorch_slices_forward_and_backward_beside_the_kernel(monkeypatch):
+    monkeypatch.delenv(NATIVE_ENV, raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(quantizer_module._EntropyKernel, name)
+        monkeypatch.setattr(
+            quantizer_module._EntropyKernel,
+            name,
+            lambda self, *a, _real=real, _name=name: calls.append(_name) or _real(self, *a),
+        )
+    args = argparse.Namespace(codebook=256, dim=8, chunk=32, compare_reference=False, reference_max_n=None)
+    variants = quantizer_bench._variants(40, args, torch.device("cpu"))
+    variants["quantizer_entropy"]()
+    assert calls == ["forward", "backward"]
+    calls.clear()
+    variants["quantizer_entropy_pytorch"]()
+    assert calls == []  # neither pass went through the kernel
 
 
 def test_bench_quantizer_refuses_a_bad_size(capsys):
