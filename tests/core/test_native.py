@@ -43,7 +43,7 @@ def test_a_kernel_compiles_once_per_source_and_defines_and_loads(tmp_path, cache
     src.write_text(ADD.replace("a + b", "a * b"))  # an edited source is rebuilt
     assert _add(native.load_kernel(src, "add", (("OFFSET", 0),)), 2, 3) == 6
     assert len(list(cache.glob("add-*.so"))) == 3
-    assert not list(cache.glob("*.so.tmp")) and len(list(cache.iterdir())) == 3  # no temporary left behind
+    assert len(list(cache.iterdir())) == 3  # the three libraries and no temporary file left behind
 
 
 @pytest.mark.parametrize(
